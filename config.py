@@ -1,0 +1,287 @@
+"""Defaults for train_enhanced_adaptivestream.py, and the one way to override them.
+
+Every setting is an annotated UPPER_CASE constant below with a one-line comment.
+Precedence: these defaults < ``--config file.yaml`` (lower-case keys) < command-line
+flags (the same name with dashes): ``BASE_LR`` is ``base_lr:`` in YAML and ``--base-lr``
+on the command line. Unknown keys, wrong types and out-of-range values stop with a
+message that names the key (and the closest valid name for a typo).
+
+    python config.py            # print the defaults as YAML
+    python config.py --markdown # the README's configuration table
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import re
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# ---- Data ----
+DATASET: str = "synthetic"  # synthetic | folder | oxford_pet
+DATA_ROOT: str | None = None  # dataset folder (folder, oxford_pet); unused by synthetic
+IMAGE_SIZE: int = 224  # side of the square training crop, pixels
+NUM_SEG_CLASSES: int = 4  # segmentation classes, background included
+NUM_CLS_CLASSES: int = 3  # image-level classes
+SEG_CLASS_NAMES: list[str] | None = None  # names for the per-class table (default: seg0, seg1, ...)
+CLS_CLASS_NAMES: list[str] | None = None  # names for the per-class table (default: cls0, cls1, ...)
+SYNTHETIC_TRAIN_SIZE: int = 768  # synthetic training images (generated once, deterministic from SEED)
+SYNTHETIC_VAL_SIZE: int = 192  # synthetic validation images
+NUM_WORKERS: int = 0  # DataLoader worker processes (0 = load in the training process)
+
+# ---- Model ----
+BACKBONE: str = "adaptivestream"  # adaptivestream (built-in, fast) | resnet18 | resnet34 | resnet50 | mobilenet_v3_large
+PRETRAINED: bool = False  # load torchvision's ImageNet weights for a torchvision backbone
+WIDTH: int = 16  # channels at stride 2 of the built-in encoder; doubles (roughly) per stride
+STREAM_CHANNELS: int = 128  # channels of the 1x1 stream projection at stride 32
+DECODER_CHANNELS: int = 16  # channels of the last (full-resolution) decoder stage; doubles per stride up
+
+# ---- Loss ----
+SEG_WEIGHT: float = 1.0  # weight of the segmentation cross-entropy
+CLS_WEIGHT: float = 0.5  # weight of the classification cross-entropy
+IGNORE_INDEX: int = 255  # mask value that is not scored
+SEG_CLASS_WEIGHTS: list[float] | None = None  # per-class weights of the segmentation loss
+CLS_CLASS_WEIGHTS: list[float] | None = None  # per-class weights of the classification loss
+LABEL_SMOOTHING: float = 0.0  # label smoothing of both cross-entropies
+LOGIT_BOUND: float = 15.0  # logits pass through c*x/(c+|x|) in the loss: bounded, gradient never 0
+
+# ---- Optimisation ----
+EPOCHS: int = 12  # training epochs
+BATCH_SIZE: int = 8  # images per step (per process under torchrun)
+OPTIMIZER: str = "adamw"  # adamw | sgd
+BASE_LR: float = 1e-3  # peak learning rate, reached at the end of warm-up
+MIN_LR: float = 1e-6  # floor of the schedule; the learning rate never goes below it
+WARMUP_EPOCHS: float = 1.0  # linear warm-up length in epochs (converted to steps)
+LR_DECAY: str = "cosine"  # cosine | exponential | constant, after warm-up
+LR_GAMMA: float = 0.95  # per-epoch factor of the exponential decay
+WEIGHT_DECAY: float = 1e-4  # decoupled weight decay (AdamW) or L2 (SGD)
+MOMENTUM: float = 0.9  # SGD momentum
+MAX_GRAD_NORM: float = 1.0  # clip the global gradient norm to this
+AMP: str = "off"  # off | bf16 | fp16 (fp16 needs CUDA; uses a GradScaler)
+CHANNELS_LAST: bool = False  # channels-last memory format for model and inputs
+
+# ---- Guard ----
+SKIP_GRAD_NORM: float = 100.0  # skip a step whose pre-clip gradient norm exceeds this
+GRAD_SPIKE_FACTOR: float = 0.0  # skip when the pre-clip norm exceeds this x the running median (0 = off)
+LOSS_SPIKE_FACTOR: float = 0.0  # skip when the loss exceeds this x the running median (0 = off)
+SPIKE_WINDOW: int = 50  # accepted steps in the running medians
+SPIKE_WARMUP: int = 20  # accepted steps before spike checks start
+MAX_SKIP_FRACTION: float = 0.25  # stop the run when more than this fraction of an epoch's steps were skipped
+
+# ---- Run ----
+SEED: int = 0  # seeds python, numpy and torch
+DEVICE: str = "auto"  # auto | cpu | cuda | cuda:N
+OUT_DIR: str | None = None  # run folder (default runs/<timestamp>)
+RESUME: str | None = None  # checkpoint to resume from
+PATIENCE: int = 10  # stop after this many epochs without a better val mIoU
+LOG_INTERVAL: int = 10  # steps between log lines (the only host syncs of the loop)
+
+_CHOICES = {
+    "DATASET": ("synthetic", "folder", "oxford_pet"),
+    "BACKBONE": ("adaptivestream", "resnet18", "resnet34", "resnet50", "mobilenet_v3_large"),
+    "OPTIMIZER": ("adamw", "sgd"),
+    "LR_DECAY": ("cosine", "exponential", "constant"),
+    "AMP": ("off", "bf16", "fp16"),
+}
+_POSITIVE = {"IMAGE_SIZE", "NUM_SEG_CLASSES", "NUM_CLS_CLASSES", "SYNTHETIC_TRAIN_SIZE", "SYNTHETIC_VAL_SIZE",
+             "WIDTH", "STREAM_CHANNELS", "DECODER_CHANNELS", "EPOCHS", "BATCH_SIZE", "BASE_LR", "MIN_LR",
+             "MAX_GRAD_NORM", "SKIP_GRAD_NORM", "LR_GAMMA", "LOGIT_BOUND", "SPIKE_WINDOW", "LOG_INTERVAL"}
+_NON_NEGATIVE = {"NUM_WORKERS", "SEG_WEIGHT", "CLS_WEIGHT", "WEIGHT_DECAY", "MOMENTUM", "WARMUP_EPOCHS",
+                 "GRAD_SPIKE_FACTOR", "LOSS_SPIKE_FACTOR", "SPIKE_WARMUP", "PATIENCE", "SEED", "LABEL_SMOOTHING"}
+_FRACTIONS = {"MAX_SKIP_FRACTION", "LABEL_SMOOTHING", "LR_GAMMA"}
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the key and what to do. main() exits with code 2."""
+
+
+class Config(types.SimpleNamespace):
+    """The resolved settings, as lower-case attributes (cfg.base_lr)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def settings() -> dict[str, tuple[Any, Any, str]]:
+    """NAME -> (type hint, default, one-line help), in file order."""
+    hints = typing.get_type_hints(sys.modules[__name__])
+    helps = {}
+    for line in Path(__file__).read_text().splitlines():
+        match = re.match(r"^([A-Z][A-Z0-9_]*)\s*:.*?#\s*(.*)$", line)
+        if match:
+            helps[match.group(1)] = match.group(2)
+    return {name: (hints[name], globals()[name], helps.get(name, "")) for name in helps}
+
+
+def flag(name: str) -> str:
+    return "--" + name.lower().replace("_", "-")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _closest(word: str, candidates: list[str]) -> str:
+    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _coerce(key: str, value: Any, hint: Any, from_cli: bool) -> Any:
+    """Return value as the type of hint, or raise ConfigError naming key."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        members = typing.get_args(hint)
+        if value is None or (from_cli and str(value).lower() in ("none", "null")):
+            if type(None) in members:
+                return None
+        errors = []
+        for member in members:
+            if member is type(None):
+                continue
+            try:
+                return _coerce(key, value, member, from_cli)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+    if from_cli and isinstance(value, str) and hint is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if from_cli and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {item.__name__}, got {value!r}")
+        return [_coerce(key, v, item, False) for v in value]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if hint in (int, float) and isinstance(value, str):
+        # PyYAML reads 3e-4 (no dot) as a string; accept any number spelling Python accepts.
+        try:
+            value = hint(value)
+        except ValueError:
+            pass
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(hint)
+    if not ok:
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    return float(value) if hint is float else value
+
+
+def validate(cfg: Config) -> None:
+    """Range and cross-field checks; raise ConfigError naming the key."""
+    values = {k.upper(): v for k, v in cfg.to_dict().items()}
+    for name, choices in _CHOICES.items():
+        if values[name] not in choices:
+            raise ConfigError(f"{name.lower()}: {values[name]!r} is not one of {', '.join(choices)}"
+                              f"{_closest(str(values[name]), list(choices))}")
+    for name in _POSITIVE:
+        if not values[name] > 0:
+            raise ConfigError(f"{name.lower()}: must be > 0, got {values[name]}")
+    for name in _NON_NEGATIVE:
+        if not values[name] >= 0:
+            raise ConfigError(f"{name.lower()}: must be >= 0, got {values[name]}")
+    for name in _FRACTIONS:
+        if not values[name] <= 1:
+            raise ConfigError(f"{name.lower()}: must be <= 1, got {values[name]}")
+    if cfg.min_lr > cfg.base_lr:
+        raise ConfigError(f"min_lr ({cfg.min_lr:g}) is above base_lr ({cfg.base_lr:g}): lower min_lr or raise base_lr")
+    if cfg.warmup_epochs >= cfg.epochs:
+        raise ConfigError(f"warmup_epochs ({cfg.warmup_epochs:g}) must be shorter than epochs ({cfg.epochs})")
+    if cfg.num_seg_classes < 2:
+        raise ConfigError(f"num_seg_classes: need at least 2 (background + one class), got {cfg.num_seg_classes}")
+    if cfg.num_cls_classes < 2:
+        raise ConfigError(f"num_cls_classes: need at least 2, got {cfg.num_cls_classes}")
+    for key, count in (("seg_class_names", cfg.num_seg_classes), ("cls_class_names", cfg.num_cls_classes),
+                       ("seg_class_weights", cfg.num_seg_classes), ("cls_class_weights", cfg.num_cls_classes)):
+        value = getattr(cfg, key)
+        if isinstance(value, list) and len(value) != count:
+            raise ConfigError(f"{key}: has {len(value)} entries but there are {count} classes")
+    if 0 <= cfg.ignore_index < cfg.num_seg_classes:
+        raise ConfigError(f"ignore_index ({cfg.ignore_index}) is a real class index (< num_seg_classes)")
+    if cfg.dataset != "synthetic" and not cfg.data_root:
+        raise ConfigError(f"data_root: dataset {cfg.dataset!r} needs --data-root PATH")
+    if cfg.amp == "fp16" and not str(cfg.device).startswith(("cuda", "auto")):
+        raise ConfigError("amp: fp16 needs a CUDA device; use --amp bf16 or --amp off on CPU")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(message)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, allow_abbrev=False, argument_default=argparse.SUPPRESS,
+                     description="Settings default to config.py; YAML keys are the lower-case names.")
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of settings (lower-case keys)")
+    for name, (hint, default, help_text) in settings().items():
+        if hint is bool:
+            parser.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction,
+                                help=f"{help_text} (default {default})")
+        else:
+            parser.add_argument(flag(name), dest=name, metavar=name, help=f"{help_text} (default {default})")
+    return parser
+
+
+def load_config(argv: list[str] | None = None, prog: str | None = None) -> Config:
+    """Resolve defaults < --config YAML < command-line flags; raise ConfigError on a bad setting."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    table = settings()
+    parser = build_parser(prog)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        word = unknown[0].split("=")[0]
+        flags = [flag(n) for n in table] + ["--config"]
+        raise ConfigError(f"unknown flag {word}{_closest(word, flags)}; see --help for the list")
+    values = {name: default for name, (_, default, _) in table.items()}
+    config_path = getattr(args, "config", None)
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"--config: file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config: {path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config: {path} must hold a mapping of settings, got {type(data).__name__}")
+        keys = [n.lower() for n in table]
+        for key, value in data.items():
+            name = str(key).upper()
+            if name not in table or str(key) != name.lower():
+                raise ConfigError(f"{path}: unknown key {key!r}{_closest(str(key).lower(), keys)}")
+            values[name] = _coerce(f"{key} (in {path})", value, table[name][0], from_cli=False)
+    for name, raw in vars(args).items():
+        if name in table:
+            values[name] = _coerce(flag(name), raw, table[name][0], from_cli=not isinstance(raw, bool))
+    cfg = Config(**{name.lower(): value for name, value in values.items()})
+    validate(cfg)
+    return cfg
+
+
+def markdown_table() -> str:
+    rows = ["| YAML key / flag | default | meaning |", "| --- | --- | --- |"]
+    for name, (_, default, help_text) in settings().items():
+        rows.append(f"| `{name.lower()}` / `{flag(name)}` | `{default}` | {help_text.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    if "--markdown" in sys.argv[1:]:
+        print(markdown_table())
+    else:
+        print(yaml.safe_dump({n.lower(): d for n, (_, d, _) in settings().items()}, sort_keys=False), end="")

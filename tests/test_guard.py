@@ -1,0 +1,120 @@
+"""The step guard: a skipped step leaves parameters, optimizer state and BN buffers bit-identical."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import train_enhanced_adaptivestream as T
+
+
+def first_batch(run):
+    return T.to_device(next(iter(run.train_loader)), run)
+
+
+def snapshot(run):
+    return copy.deepcopy(run.model.state_dict()), copy.deepcopy(run.optimizer.state_dict())
+
+
+def assert_unchanged(before, run):
+    model_state, optimizer_state = before
+    after = run.model.state_dict()
+    for name, tensor in model_state.items():
+        assert torch.equal(tensor, after[name]), f"{name} changed on a skipped step"
+    state_after = run.optimizer.state_dict()["state"]
+    for index, entry in optimizer_state["state"].items():
+        for key, tensor in entry.items():
+            assert torch.equal(tensor, state_after[index][key]), f"optimizer state {index}.{key} changed"
+
+
+def test_accepted_step_changes_weights_and_bn_buffers(make_run):
+    run = make_run()
+    images, masks, labels = first_batch(run)
+    before = snapshot(run)
+    stats = T.train_step(run, images, masks, labels)
+    assert stats[4].item() == 0
+    after = run.model.state_dict()
+    assert not torch.equal(before[0]["encoder.stages.0.0.0.weight"], after["encoder.stages.0.0.0.weight"])
+    assert not torch.equal(before[0]["encoder.stages.0.0.1.running_mean"], after["encoder.stages.0.0.1.running_mean"])
+
+
+def test_nan_batch_is_skipped_and_changes_nothing(make_run):
+    run = make_run()
+    images, masks, labels = first_batch(run)
+    T.train_step(run, images, masks, labels)  # optimizer state exists from here on
+    before = snapshot(run)
+    poisoned = images.clone()
+    poisoned[0, :, 3, 3] = float("nan")  # a NaN pixel pollutes BN running stats in train mode
+    stats = T.train_step(run, poisoned, masks, labels)
+    assert T.SKIP_REASONS[int(stats[4])] == "non-finite loss"
+    assert_unchanged(before, run)
+    assert all(torch.isfinite(b).all() for b in run.guard.buffers)
+
+
+def test_inf_gradient_is_skipped_and_changes_nothing(make_run):
+    run = make_run()
+    images, masks, labels = first_batch(run)
+    T.train_step(run, images, masks, labels)
+    before = snapshot(run)
+    weight = run.model.seg_head.weight
+    handle = weight.register_hook(lambda grad: grad * float("inf"))
+    stats = T.train_step(run, images, masks, labels)
+    handle.remove()
+    assert torch.isfinite(stats[0])
+    assert T.SKIP_REASONS[int(stats[4])] == "non-finite gradient"
+    assert_unchanged(before, run)
+
+
+def test_exploding_gradient_is_skipped(make_run):
+    run = make_run()
+    images, masks, labels = first_batch(run)
+    T.train_step(run, images, masks, labels)
+    before = snapshot(run)
+    handle = run.model.seg_head.weight.register_hook(lambda grad: grad * 1e7)
+    stats = T.train_step(run, images, masks, labels)
+    handle.remove()
+    assert stats[3].item() > run.cfg.skip_grad_norm
+    assert T.SKIP_REASONS[int(stats[4])] == "gradient explosion"
+    assert_unchanged(before, run)
+
+
+def test_gradient_spike_against_running_median_is_skipped(make_run):
+    run = make_run("--grad-spike-factor", "5", "--spike-warmup", "3")
+    images, masks, labels = first_batch(run)
+    for _ in range(4):
+        assert T.train_step(run, images, masks, labels)[4].item() == 0
+    handle = run.model.seg_head.weight.register_hook(lambda grad: grad * 50)
+    stats = T.train_step(run, images, masks, labels)
+    handle.remove()
+    assert stats[3].item() < run.cfg.skip_grad_norm
+    assert T.SKIP_REASONS[int(stats[4])] == "gradient spike"
+    assert run.guard.accepted.item() == 4
+
+
+def test_skips_are_counted_logged_with_step_and_written_to_steps_jsonl(make_run, caplog, monkeypatch):
+    run = make_run("--max-skip-fraction", "1.0", "--epochs", "1", "--warmup-epochs", "0")
+    original = T.train_step
+    calls = []
+
+    def poison_second(run_, images, masks, labels):
+        calls.append(1)
+        if len(calls) == 2:
+            images = images.clone().fill_(float("nan"))
+        return original(run_, images, masks, labels)
+
+    monkeypatch.setattr(T, "train_step", poison_second)
+    with caplog.at_level("WARNING", logger="adaptivestream"):
+        stats = T.train_one_epoch(run, 0)
+    assert stats["skipped_steps"] == 1 and run.state.skipped == {"non-finite loss": 1}
+    assert "step 1 skipped: non-finite loss" in caplog.text
+    events = [json.loads(line) for line in (run.run_dir / "steps.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "skip"] == [1]
+
+
+def test_too_many_skipped_steps_stop_the_run(make_run, monkeypatch):
+    run = make_run("--max-skip-fraction", "0.25", "--epochs", "1", "--warmup-epochs", "0")
+    original = T.train_step
+    monkeypatch.setattr(T, "train_step", lambda r, i, m, l: original(r, i.clone().fill_(float("inf")), m, l))
+    with pytest.raises(T.TrainingFailed, match="steps in epoch 1 were skipped"):
+        T.train_one_epoch(run, 0)

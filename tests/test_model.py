@@ -1,0 +1,73 @@
+"""AdaptiveStream: logits always match the input size; initial loss is about ln(C) per head."""
+
+import math
+import urllib.error
+
+import pytest
+import torch
+
+import train_enhanced_adaptivestream as T
+from config import ConfigError
+
+
+def tiny_model(**kwargs):
+    return T.AdaptiveStream(2, 5, width=4, stream_channels=16, decoder_channels=4, **kwargs)
+
+
+@pytest.mark.parametrize("height, width", [(224, 224), (256, 256), (192, 320), (200, 300), (33, 47)])
+def test_seg_logits_have_the_input_size(height, width):
+    model = tiny_model().eval()
+    seg, cls = model(torch.randn(1, 3, height, width))
+    assert seg.shape == (1, 2, height, width)
+    assert cls.shape == (1, 5)
+
+
+def test_decoder_is_five_transposed_conv_stages_from_stride_32():
+    model = tiny_model()
+    ups = [m for m in model.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert len(ups) == 5 and all(u.kernel_size == (4, 4) and u.stride == (2, 2) for u in ups)
+    feats = model.encoder(torch.randn(1, 3, 224, 224))
+    assert [f.shape[-1] for f in feats] == [112, 56, 28, 14, 7]
+
+
+def test_initial_loss_is_close_to_ln_c_for_each_head():
+    torch.manual_seed(0)
+    model = T.AdaptiveStream(4, 3, width=8, stream_channels=32, decoder_channels=8)
+    seg, cls = model(torch.randn(4, 3, 64, 64))
+    _, parts = T.StableLoss()(seg, cls, torch.randint(0, 4, (4, 64, 64)), torch.randint(0, 3, (4,)))
+    assert parts["seg"].item() == pytest.approx(math.log(4), rel=0.02)
+    assert parts["cls"].item() == pytest.approx(math.log(3), rel=0.02)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large"])
+def test_torchvision_backbones_give_input_sized_logits(backbone):
+    model = T.AdaptiveStream(3, 2, backbone=backbone, decoder_channels=4, stream_channels=16).eval()
+    seg, cls = model(torch.randn(1, 3, 70, 90))
+    assert seg.shape == (1, 3, 70, 90) and cls.shape == (1, 2)
+
+
+def test_pretrained_offline_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ConfigError, match="could not load torchvision's ImageNet weights for resnet18.*offline"):
+        T.AdaptiveStream(2, 2, backbone="resnet18", pretrained=True)
+
+
+def test_pretrained_weights_load_from_the_local_torch_hub_cache(monkeypatch, tmp_path):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda *a, **k: pytest.fail("must not download when the file is cached"))
+    reference = torchvision.models.resnet18()
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(reference.state_dict(), cache / url.rsplit("/", 1)[-1])
+    model = T.AdaptiveStream(2, 2, backbone="resnet18", pretrained=True)
+    assert torch.equal(model.encoder.stages[0][0].weight, reference.conv1.weight)
+    assert torch.equal(model.encoder.stages[-1][0][0].conv1.weight, reference.layer4[0].conv1.weight)
