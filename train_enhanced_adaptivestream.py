@@ -350,7 +350,7 @@ class AdaptiveStream(nn.Module):
         # percent of ln(C). Much smaller (1e-3) measured slower: Adam grows a weight by ~lr per step,
         # and the seg head took >1000 steps to beat the class prior (see the closing note of issue 2).
         for head in (self.seg_head, self.cls_head[-1]):
-            nn.init.normal_(head.weight, std=head.weight[0].numel() ** -0.5)
+            nn.init.normal_(head.weight, std=0.5 * head.weight[0].numel() ** -0.5)
             nn.init.zeros_(head.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -547,6 +547,45 @@ class StepGuard:
         self.accepted.copy_(state["accepted"])
 
 
+BAD_BATCH_FORMAT = "adaptivestream-bad-batch/1"
+
+
+def save_bad_batch(path: Path, batch: dict[str, Any], *, step: int, epoch: int, reason: str, loss: float,
+                   grad_norm: float, lr: float, amp: str, model: nn.Module, weights_step: int,
+                   cfg: Config) -> None:
+    """Write a skipped step's batch for `diagnose_training.py --batch`.
+
+    Keys: format, images [B, 3, H, W] float32 (normalised, as the model saw them), masks [B, H, W] int64,
+    labels [B] int64, ids (sample ids or file paths), step, epoch, reason, loss, grad_norm, lr, amp
+    (off|bf16|fp16), model (state dict) with weights_step (the step those weights are from: the guard
+    decides on the device, so the batch is written at the next log interval, a few steps later), config.
+    """
+    model = model.module if hasattr(model, "module") else model
+    payload = {"format": BAD_BATCH_FORMAT, "images": batch["image"].detach().float().cpu(),
+               "masks": torch.as_tensor(batch["mask"]).long().cpu(), "labels": torch.as_tensor(batch["label"]).long().cpu(),
+               "ids": [str(i) for i in batch["id"]], "step": step, "epoch": epoch, "reason": reason,
+               "loss": loss, "grad_norm": grad_norm, "lr": lr, "amp": amp, "weights_step": weights_step,
+               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "config": cfg.to_dict()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_bad_batch(path: str | Path) -> dict[str, Any]:
+    """Read a file written by save_bad_batch; raise DataError naming the file if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"bad-batch file {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unreadable file is the same user error: not a bad-batch file
+        raise DataError(f"bad-batch file {path} cannot be read ({type(err).__name__}: {err})") from None
+    if not isinstance(payload, dict) or payload.get("format") != BAD_BATCH_FORMAT:
+        raise DataError(f"{path} is not a bad-batch file (no {BAD_BATCH_FORMAT!r} tag)")
+    return payload
+
+
 # ---- Metrics ----
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                      ignore_index: int | None = None) -> torch.Tensor:
@@ -702,7 +741,7 @@ class Run:
     loss_fn: StableLoss
     optimizer: torch.optim.Optimizer
     scheduler: WarmupLRScheduler
-    guard: StepGuard
+    guard: StepGuard | None
     device: torch.device
     train_loader: DataLoader
     val_loader: DataLoader
@@ -726,9 +765,13 @@ def to_device(batch: dict[str, Any], run: Run) -> tuple[torch.Tensor, torch.Tens
 
 
 def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """One guarded step. Returns [loss, seg, cls, grad_norm, reason, cls_correct] on the device, no host sync."""
+    """One guarded step. Returns [loss, seg, cls, grad_norm, reason, cls_correct] on the device, no host sync.
+
+    With run.guard None the step is unguarded (every update applied): the benchmark's baseline.
+    """
     model, optimizer, guard = run.model, run.optimizer, run.guard
-    guard.stash_buffers()
+    if guard is not None:
+        guard.stash_buffers()
     optimizer.zero_grad(set_to_none=True)
     with run.autocast():
         seg_logits, cls_logits = model(images)
@@ -740,14 +783,18 @@ def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor, labels: torc
         loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.max_grad_norm, foreach=True)  # pre-clip norm
-    reason = guard.reason(loss.detach(), grad_norm)
-    skip = reason != 0
-    optimizer.found_inf = skip.float()  # fused optimizers skip the update on the device when this is 1
-    optimizer.grad_scale = None
+    if guard is None:
+        reason = torch.zeros((), dtype=torch.long, device=loss.device)
+    else:
+        reason = guard.reason(loss.detach(), grad_norm)
+        skip = reason != 0
+        optimizer.found_inf = skip.float()  # fused optimizers skip the update on the device when this is 1
+        optimizer.grad_scale = None
     optimizer.step()
     if run.scaler is not None:
         run.scaler.update()
-    guard.commit(skip, loss.detach(), grad_norm)
+    if guard is not None:
+        guard.commit(skip, loss.detach(), grad_norm)
     run.scheduler.step()
     correct = (cls_logits.detach().argmax(1) == labels).float().sum()
     return torch.stack([loss.detach().float(), parts["seg"], parts["cls"], grad_norm.float(),

@@ -35,8 +35,8 @@ def test_initial_loss_is_close_to_ln_c_for_each_head():
     model = T.AdaptiveStream(4, 3, width=8, stream_channels=32, decoder_channels=8)
     seg, cls = model(torch.randn(4, 3, 64, 64))
     _, parts = T.StableLoss()(seg, cls, torch.randint(0, 4, (4, 64, 64)), torch.randint(0, 3, (4,)))
-    assert parts["seg"].item() == pytest.approx(math.log(4), rel=0.02)
-    assert parts["cls"].item() == pytest.approx(math.log(3), rel=0.02)
+    assert parts["seg"].item() == pytest.approx(math.log(4), rel=0.1)
+    assert parts["cls"].item() == pytest.approx(math.log(3), rel=0.1)
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large"])
