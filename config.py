@@ -81,6 +81,7 @@ OUT_DIR: str | None = None  # run folder (default runs/<timestamp>)
 RESUME: str | None = None  # checkpoint to resume from
 PATIENCE: int = 10  # stop after this many epochs without a better val mIoU
 LOG_INTERVAL: int = 10  # steps between log lines (the only host syncs of the loop)
+BN_RECALIBRATE: int = 0  # before each evaluation, re-estimate BatchNorm statistics over this many train batches (0 = off)
 
 _CHOICES = {
     "DATASET": ("synthetic", "folder", "oxford_pet"),
@@ -93,7 +94,8 @@ _POSITIVE = {"IMAGE_SIZE", "NUM_SEG_CLASSES", "NUM_CLS_CLASSES", "SYNTHETIC_TRAI
              "WIDTH", "STREAM_CHANNELS", "DECODER_CHANNELS", "EPOCHS", "BATCH_SIZE", "BASE_LR", "MIN_LR",
              "MAX_GRAD_NORM", "SKIP_GRAD_NORM", "LR_GAMMA", "LOGIT_BOUND", "SPIKE_WINDOW", "LOG_INTERVAL"}
 _NON_NEGATIVE = {"NUM_WORKERS", "SEG_WEIGHT", "CLS_WEIGHT", "WEIGHT_DECAY", "MOMENTUM", "WARMUP_EPOCHS",
-                 "GRAD_SPIKE_FACTOR", "LOSS_SPIKE_FACTOR", "SPIKE_WARMUP", "PATIENCE", "SEED", "LABEL_SMOOTHING"}
+                 "GRAD_SPIKE_FACTOR", "LOSS_SPIKE_FACTOR", "SPIKE_WARMUP", "PATIENCE", "SEED", "LABEL_SMOOTHING",
+                 "BN_RECALIBRATE"}
 _FRACTIONS = {"MAX_SKIP_FRACTION", "LABEL_SMOOTHING", "LR_GAMMA"}
 
 

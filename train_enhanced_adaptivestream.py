@@ -900,6 +900,27 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: StableLoss, cfg: Con
     return result
 
 
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: DataLoader, batches: int, device: torch.device) -> None:
+    """Re-estimate BatchNorm running statistics as plain averages over `batches` training batches.
+
+    The fix for stale or poisoned running stats (eval-mode accuracy far below train-mode accuracy):
+    momentum=None makes BatchNorm keep a cumulative average, so every batch counts equally.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    model.train()
+    for i, batch in enumerate(loader):
+        if i >= batches:
+            break
+        model(batch["image"].to(device, non_blocking=True))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+
+
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_seg_loss", "train_cls_loss", "train_cls_acc", "skipped_steps",
                   "val_loss", "val_seg_loss", "val_cls_loss", "val_miou", "val_pixel_acc", "val_cls_acc",
                   "val_cls_f1", "seconds"]
@@ -946,6 +967,8 @@ def fit(run: Run) -> dict[str, Any]:
     for epoch in range(state.epoch, cfg.epochs):
         start = time.perf_counter()
         train = train_one_epoch(run, epoch)
+        if cfg.bn_recalibrate > 0:
+            recalibrate_bn(run.model, run.train_loader, cfg.bn_recalibrate, run.device)
         val = evaluate(run.model, run.val_loader, run.loss_fn, cfg, run.device, run.autocast)
         state.epoch = epoch + 1
         row = {"epoch": epoch + 1, "lr": run.scheduler.get_last_lr()[0], **train,

@@ -119,3 +119,12 @@ def test_too_many_skipped_steps_stop_the_run(make_run, monkeypatch):
     monkeypatch.setattr(T, "train_step", lambda r, i, m, l: original(r, i.clone().fill_(float("inf")), m, l))
     with pytest.raises(T.TrainingFailed, match="steps in epoch 1 were skipped"):
         T.train_one_epoch(run, 0)
+
+
+def test_recalibrate_bn_replaces_poisoned_running_stats(make_run):
+    run = make_run()
+    norm = run.model.encoder.stages[0][0][1]
+    norm.running_mean.fill_(1e6)
+    T.recalibrate_bn(run.model, run.train_loader, 2, run.device)
+    assert norm.running_mean.abs().max() < 100 and norm.momentum == 0.1
+    assert norm.num_batches_tracked.item() == 2
