@@ -73,12 +73,18 @@ LOSS_SPIKE_FACTOR: float = 0.0  # skip when the loss exceeds this x the running 
 SPIKE_WINDOW: int = 50  # accepted steps in the running medians
 SPIKE_WARMUP: int = 20  # accepted steps before spike checks start
 MAX_SKIP_FRACTION: float = 0.25  # stop the run when more than this fraction of an epoch's steps were skipped
+MAX_CONSECUTIVE_SKIPS: int = 5  # this many skipped steps in a row trigger a rollback to the last snapshot
+MAX_ROLLBACKS: int = 3  # abort the run (exit 1) when one more rollback would be needed
+LR_BACKOFF: float = 0.5  # each rollback multiplies the learning rate by this
+SNAPSHOT_EVERY: int = 100  # accepted steps between in-memory snapshots (the rollback target)
+BAD_BATCH_LIMIT: int = 5  # the first this-many skipped batches are saved to <out_dir>/bad_batches/
 
 # ---- Run ----
 SEED: int = 0  # seeds python, numpy and torch
 DEVICE: str = "auto"  # auto | cpu | cuda | cuda:N
 OUT_DIR: str | None = None  # run folder (default runs/<timestamp>)
-RESUME: str | None = None  # checkpoint to resume from
+RESUME: str | None = None  # checkpoint to resume from, or auto (<out_dir>/last.pt if it exists)
+CHECKPOINT_EVERY: int = 200  # also write last.pt every this many steps (0 = only at epoch ends)
 PATIENCE: int = 10  # stop after this many epochs without a better val mIoU
 LOG_INTERVAL: int = 10  # steps between log lines (the only host syncs of the loop)
 BN_RECALIBRATE: int = 0  # before each evaluation, re-estimate BatchNorm statistics over this many train batches (0 = off)
@@ -92,11 +98,12 @@ _CHOICES = {
 }
 _POSITIVE = {"IMAGE_SIZE", "NUM_SEG_CLASSES", "NUM_CLS_CLASSES", "SYNTHETIC_TRAIN_SIZE", "SYNTHETIC_VAL_SIZE",
              "WIDTH", "STREAM_CHANNELS", "DECODER_CHANNELS", "EPOCHS", "BATCH_SIZE", "BASE_LR", "MIN_LR",
+             "MAX_CONSECUTIVE_SKIPS", "SNAPSHOT_EVERY", "LR_BACKOFF",
              "MAX_GRAD_NORM", "SKIP_GRAD_NORM", "LR_GAMMA", "LOGIT_BOUND", "SPIKE_WINDOW", "LOG_INTERVAL"}
 _NON_NEGATIVE = {"NUM_WORKERS", "SEG_WEIGHT", "CLS_WEIGHT", "WEIGHT_DECAY", "MOMENTUM", "WARMUP_EPOCHS",
                  "GRAD_SPIKE_FACTOR", "LOSS_SPIKE_FACTOR", "SPIKE_WARMUP", "PATIENCE", "SEED", "LABEL_SMOOTHING",
-                 "BN_RECALIBRATE"}
-_FRACTIONS = {"MAX_SKIP_FRACTION", "LABEL_SMOOTHING", "LR_GAMMA"}
+                 "BN_RECALIBRATE", "MAX_ROLLBACKS", "BAD_BATCH_LIMIT", "CHECKPOINT_EVERY"}
+_FRACTIONS = {"MAX_SKIP_FRACTION", "LABEL_SMOOTHING", "LR_GAMMA", "LR_BACKOFF"}
 
 
 class ConfigError(ValueError):

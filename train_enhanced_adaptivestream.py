@@ -15,12 +15,14 @@ Exit codes: 0 finished; 1 training failed (diverged, too many skipped steps);
 # ---- Imports and logging ----
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
 import math
 import os
 import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+import torch.utils.data.distributed
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
@@ -179,24 +182,42 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
+    """DistributedSampler (order a pure function of seed and epoch, sharded by rank) that can start
+    mid-epoch: set_epoch(epoch, start_batch) skips the batches a resumed run already trained on."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, **kwargs: Any):
+        super().__init__(dataset, **kwargs)
+        self.batch_size, self.start = batch_size, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start_batch * self.batch_size
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
 def build_loaders(cfg: Config, train_ds: Dataset, val_ds: Dataset, device: torch.device,
                   rank: int = 0, world_size: int = 1) -> tuple[DataLoader, DataLoader]:
-    """Seeded loaders (same batches on every run); DistributedSampler shards when world_size > 1."""
+    """Seeded loaders (same batches on every run), sharded by rank under torchrun.
+
+    Validation shards are strided without padding, so no image is counted twice when the
+    confusion matrices of all ranks are summed.
+    """
     if len(train_ds) < cfg.batch_size * world_size:
         raise DataError(f"training set has {len(train_ds)} images, fewer than one batch "
                         f"({cfg.batch_size} x {world_size} processes): lower --batch-size")
     generator = torch.Generator().manual_seed(cfg.seed)
     common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, worker_init_fn=_seed_worker,
                   pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
-    if world_size > 1:
-        from torch.utils.data.distributed import DistributedSampler
-        train_sampler = DistributedSampler(train_ds, world_size, rank, shuffle=True, seed=cfg.seed, drop_last=True)
-        val_sampler = DistributedSampler(val_ds, world_size, rank, shuffle=False)
-        train = DataLoader(train_ds, sampler=train_sampler, drop_last=True, generator=generator, **common)
-        val = DataLoader(val_ds, sampler=val_sampler, **common)
-    else:
-        train = DataLoader(train_ds, shuffle=True, drop_last=True, generator=generator, **common)
-        val = DataLoader(val_ds, shuffle=False, **common)
+    train_sampler = ResumableSampler(train_ds, cfg.batch_size, num_replicas=world_size, rank=rank, shuffle=True,
+                                     seed=cfg.seed, drop_last=True)
+    train = DataLoader(train_ds, sampler=train_sampler, drop_last=True, generator=generator, **common)
+    val = DataLoader(torch.utils.data.Subset(val_ds, range(rank, len(val_ds), world_size)), shuffle=False, **common)
     return train, val
 
 
@@ -467,6 +488,12 @@ class WarmupLRScheduler(torch.optim.lr_scheduler.LRScheduler):
     def get_lr(self) -> list[float]:
         return [self.lr_at(self.last_epoch, base) for base in self.base_lrs]
 
+    def refresh(self) -> None:
+        """Apply the LR of the current step again, after last_epoch or lr_scale was changed by hand."""
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     """Fused optimizers: they take the guard's found_inf flag and skip on the device (no host sync)."""
@@ -586,6 +613,68 @@ def load_bad_batch(path: str | Path) -> dict[str, Any]:
     return payload
 
 
+def _cpu_copy(tree: Any) -> Any:
+    """A deep copy with every tensor on the CPU (snapshots must not alias live tensors)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: _cpu_copy(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_cpu_copy(v) for v in tree)
+    return copy.deepcopy(tree)
+
+
+def training_state(run: Run) -> dict[str, Any]:
+    """What a rollback or a resume restores: weights and BN buffers, optimizer, schedule, guard, scaler, RNG."""
+    return {"model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "guard": run.guard.state_dict() if run.guard else None,
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None, "rng": rng_state()}
+
+
+def restore_training_state(run: Run, saved: dict[str, Any]) -> None:
+    saved = _cpu_copy(saved)  # load_state_dict may keep references; the saved copy must stay intact
+    unwrap(run.model).load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    run.scheduler.refresh()
+    if run.guard is not None and saved.get("guard"):
+        run.guard.load_state_dict(saved["guard"])
+    if run.scaler is not None and saved.get("scaler"):
+        run.scaler.load_state_dict(saved["scaler"])
+    set_rng_state(saved["rng"])
+
+
+def take_snapshot(run: Run) -> dict[str, Any]:
+    """The last good training state, copied to CPU memory (cost: see benchmarks/bench_train.py)."""
+    return _cpu_copy(training_state(run))
+
+
+def roll_back(run: Run, why: str) -> dict[str, Any]:
+    """Restore the last snapshot and back the LR off; abort after MAX_ROLLBACKS. Returns the event record.
+
+    The data cursor is not rewound: the run moves on past the batches that caused the trouble.
+    """
+    cfg, state = run.cfg, run.state
+    if state.rollbacks >= cfg.max_rollbacks:
+        bad = run.run_dir / "bad_batches"
+        raise TrainingFailed(
+            f"{why} at step {state.step}, after {state.rollbacks} rollbacks already (max_rollbacks="
+            f"{cfg.max_rollbacks}); skipped steps so far: {state.skipped}. The skipped batches are in {bad}: "
+            f"replay one with `python diagnose_training.py --batch {bad}/step_<N>.pt`, or run "
+            f"diagnose_training.py with this run's flags")
+    restore_training_state(run, run.snapshot)
+    state.rollbacks += 1
+    state.lr_scale *= cfg.lr_backoff
+    state.consecutive_skips = state.accepted_since_snapshot = 0
+    run.scheduler.lr_scale = state.lr_scale
+    run.scheduler.refresh()
+    log.warning("rollback %d/%d at step %d: %s; restored the last good snapshot and scaled the LR by %g "
+                "(now x%g, lr %.3g); moving on past these batches", state.rollbacks, cfg.max_rollbacks,
+                state.step, why, cfg.lr_backoff, state.lr_scale, run.scheduler.get_last_lr()[0])
+    return {"event": "rollback", "step": state.step, "reason": why, "rollbacks": state.rollbacks,
+            "lr_scale": state.lr_scale, "lr": run.scheduler.get_last_lr()[0]}
+
+
 # ---- Metrics ----
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                      ignore_index: int | None = None) -> torch.Tensor:
@@ -661,18 +750,32 @@ def nonfinite_tensors(tree: Any, prefix: str = "") -> list[str]:
     return bad
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> bool:
-    """Write atomically (temp file, fsync, os.replace). Refuse, log and return False if anything is non-finite."""
+def save_checkpoint(path: Path, payload: dict[str, Any], write: bool = True) -> bool:
+    """Write atomically: temp file, fsync, os.replace, fsync of the folder. A crash at any point leaves
+    the previous file intact. Refuse (log, return False) if a tensor is non-finite or the write fails
+    (disk full): the previous checkpoint is kept either way. write=False (ranks > 0) writes nothing."""
+    if not write:
+        return True
     bad = nonfinite_tensors({"model": payload["model"], "optimizer": payload.get("optimizer", {})})
     if bad:
         log.error("not writing %s: non-finite tensors %s; the previous file is kept", path, ", ".join(bad[:5]))
         return False
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        log.error("could not write %s (%s); the previous file is kept", path, err)
+        return False
     return True
 
 
@@ -722,19 +825,30 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---- Loop ----
 @dataclass
 class TrainState:
-    """Counters that make up the run's progress; saved in every checkpoint."""
+    """The run's progress and its account of every step; saved in each checkpoint, restored on resume."""
 
-    epoch: int = 0  # next epoch to run
-    step: int = 0  # optimizer steps attempted (accepted + skipped)
+    epoch: int = 0  # current epoch, 0-based
+    batch: int = 0  # batches of this epoch already trained on: where a resumed run starts
+    step: int = 0  # steps attempted in the whole run (accepted + skipped)
     best_miou: float = -1.0
     best_epoch: int = -1
     epochs_since_best: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count, whole run
+    consecutive_skips: int = 0
+    rollbacks: int = 0
+    lr_scale: float = 1.0  # product of the LR back-offs of all rollbacks
+    bad_batches_saved: int = 0
+    accepted_since_snapshot: int = 0
+    epoch_sums: dict[str, float] = field(default_factory=dict)  # this epoch so far (for its metrics row)
+
+
+class StopRequested(Exception):
+    """SIGTERM/SIGINT arrived: the current step finished and last.pt was written."""
 
 
 @dataclass
 class Run:
-    """Everything a training run holds; built by main(), used by fit()."""
+    """Everything a training run holds; built by build_run(), used by fit()."""
 
     cfg: Config
     model: nn.Module
@@ -746,14 +860,23 @@ class Run:
     train_loader: DataLoader
     val_loader: DataLoader
     run_dir: Path
+    steps_per_epoch: int
     scaler: torch.amp.GradScaler | None = None
     state: TrainState = field(default_factory=TrainState)
+    snapshot: dict[str, Any] | None = None  # last good training state, in CPU memory
+    stop_signal: str | None = None  # set by the SIGTERM/SIGINT handler; checked after each step
+    is_main: bool = True  # rank 0: the only process that writes files
 
     def autocast(self):
         if self.cfg.amp == "off":
             return nullcontext()
         dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel (checkpoints hold the unwrapped state dict)."""
+    return model.module if hasattr(model, "module") else model
 
 
 def to_device(batch: dict[str, Any], run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -801,71 +924,124 @@ def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor, labels: torc
                         reason.float(), correct])
 
 
-def _append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    with open(path, "a") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
+def _append_jsonl(run: Run, records: list[dict[str, Any]]) -> None:
+    if run.is_main:
+        with open(run.run_dir / "steps.jsonl", "a") as handle:
+            for record in records:
+                handle.write(json.dumps(record) + "\n")
+
+
+def _skip_name(run: Run, reason: int) -> str:
+    # Under fp16 a non-finite gradient is usually GradScaler probing its scale, not divergence.
+    return "fp16 overflow" if reason == 2 and run.scaler is not None else SKIP_REASONS[reason]
+
+
+def _account_step(run: Run, epoch: int, step: int, row: list[float], batch: dict[str, Any]) -> dict | None:
+    """Add one step to the epoch's sums and the skip counters; return its skip event, if it was skipped."""
+    state, sums = run.state, run.state.epoch_sums
+    loss, seg, cls, grad_norm, reason, correct = row
+    images = len(batch["label"])
+    if not reason:
+        state.consecutive_skips = 0
+        state.accepted_since_snapshot += 1
+        for key, value in (("loss", loss * images), ("seg", seg * images), ("cls", cls * images),
+                           ("correct", correct), ("images", images)):
+            sums[key] = sums.get(key, 0.0) + value
+        return None
+    name = _skip_name(run, int(reason))
+    sums["skipped"] = sums.get("skipped", 0) + 1
+    state.skipped[name] = state.skipped.get(name, 0) + 1
+    if name != "fp16 overflow":
+        state.consecutive_skips += 1
+    log.warning("step %d skipped: %s (loss %.4g, grad norm %.4g)", step, name, loss, grad_norm)
+    event = {"event": "skip", "step": step, "epoch": epoch, "reason": name, "loss": loss, "grad_norm": grad_norm}
+    if state.bad_batches_saved < run.cfg.bad_batch_limit and run.is_main:
+        path = run.run_dir / "bad_batches" / f"step_{step}.pt"
+        save_bad_batch(path, batch, step=step, epoch=epoch, reason=name, loss=loss, grad_norm=grad_norm,
+                       lr=run.scheduler.get_last_lr()[0], amp=run.cfg.amp, model=run.model,
+                       weights_step=state.step, cfg=run.cfg)
+        state.bad_batches_saved += 1
+        event["file"] = str(path)
+    return event
+
+
+def flush_interval(run: Run, epoch: int, pending: list[torch.Tensor], batches: list[dict[str, Any]],
+                   started: float) -> dict[str, Any]:
+    """Read the interval's step records (the one host sync), account for them, and climb the ladder:
+    skip (already done on the device) -> roll back -> abort. Returns the interval's log record."""
+    cfg, state = run.cfg, run.state
+    params = list(unwrap(run.model).parameters())
+    finite = torch.stack(torch._foreach_norm(params)).isfinite().all().float().view(1)
+    table = torch.cat([torch.stack(pending).flatten(), finite]).cpu()
+    rows, params_finite = table[:-1].view(len(pending), -1).tolist(), bool(table[-1])
+    first = state.step
+    events = [e for i, (row, batch) in enumerate(zip(rows, batches))
+              if (e := _account_step(run, epoch, first + i, row, batch)) is not None]
+    state.step += len(rows)
+    state.batch += len(rows)
+    # The schedule counts applied updates: take back the steps skipped in this interval.
+    skipped = sum(1 for row in rows if row[4])
+    if skipped:
+        run.scheduler.last_epoch -= skipped
+        run.scheduler.refresh()
+    if not params_finite or state.consecutive_skips >= cfg.max_consecutive_skips:
+        why = ("parameters became non-finite" if not params_finite
+               else f"{state.consecutive_skips} consecutive skipped steps")
+        events.append(roll_back(run, why))
+    elif not skipped and state.accepted_since_snapshot >= cfg.snapshot_every:
+        run.snapshot = take_snapshot(run)
+        state.accepted_since_snapshot = 0
+    last = rows[-1]
+    images = sum(len(b["label"]) for b in batches)
+    record = {"event": "log", "step": state.step, "epoch": epoch, "loss": last[0], "seg_loss": last[1],
+              "cls_loss": last[2], "grad_norm": last[3], "lr": run.scheduler.get_last_lr()[0],
+              "skipped_epoch": int(state.epoch_sums.get("skipped", 0)), "rollbacks": state.rollbacks,
+              "images_per_s": images / max(time.perf_counter() - started, 1e-9)}
+    _append_jsonl(run, events + [record])
+    if state.epoch_sums.get("skipped", 0) > cfg.max_skip_fraction * run.steps_per_epoch:
+        raise TrainingFailed(
+            f"{int(state.epoch_sums['skipped'])} of {run.steps_per_epoch} steps in epoch {epoch + 1} were skipped "
+            f"(more than max_skip_fraction={cfg.max_skip_fraction}); reasons so far: {state.skipped}. Training is "
+            f"not learning: see {run.run_dir / 'steps.jsonl'} and run diagnose_training.py with the same flags")
+    if cfg.checkpoint_every and state.step // cfg.checkpoint_every > first // cfg.checkpoint_every:
+        save_checkpoint(run.run_dir / "last.pt", checkpoint_payload(run), run.is_main)
+    return record
 
 
 def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
-    """Train one epoch; host syncs only every LOG_INTERVAL steps. Raise TrainingFailed on too many skips."""
+    """Train (the rest of) one epoch; host syncs only every LOG_INTERVAL steps."""
     cfg, state = run.cfg, run.state
     run.model.train()
-    sampler = getattr(run.train_loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-    steps = len(run.train_loader)
+    run.train_loader.sampler.set_epoch(epoch, start_batch=state.batch)
+    if state.batch == 0:
+        state.epoch_sums = {}
     pending: list[torch.Tensor] = []
-    totals = {"loss": 0.0, "seg": 0.0, "cls": 0.0, "correct": 0.0, "accepted": 0, "images": 0}
-    skipped = 0
-    tick, images_since = time.perf_counter(), 0
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None, file=sys.stderr)
-    for i, batch in enumerate(run.train_loader):
+    batches: list[dict[str, Any]] = []  # kept until the flush, to save the ones whose step was skipped
+    started = time.perf_counter()
+    bar = tqdm(total=run.steps_per_epoch, initial=state.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               leave=False, disable=None if run.is_main else True, file=sys.stderr)
+    for batch in run.train_loader:
         images, masks, labels = to_device(batch, run)
         pending.append(train_step(run, images, masks, labels))
-        images_since += images.shape[0]
-        if len(pending) < cfg.log_interval and i + 1 < steps:
-            continue
-        rows = torch.stack(pending).cpu().tolist()  # the interval's one host sync
-        first_step = state.step
-        state.step += len(rows)
-        events, lr = [], run.scheduler.get_last_lr()[0]
-        for offset, (loss, seg, cls, grad_norm, reason, correct) in enumerate(rows):
-            if reason:
-                name = SKIP_REASONS[int(reason)]
-                skipped += 1
-                state.skipped[name] = state.skipped.get(name, 0) + 1
-                log.warning("step %d skipped: %s (loss %.4g, grad norm %.4g)", first_step + offset, name, loss, grad_norm)
-                events.append({"event": "skip", "step": first_step + offset, "epoch": epoch, "reason": name,
-                               "loss": loss, "grad_norm": grad_norm})
-            else:
-                totals["loss"] += loss * images.shape[0]
-                totals["seg"] += seg * images.shape[0]
-                totals["cls"] += cls * images.shape[0]
-                totals["correct"] += correct
-                totals["accepted"] += 1
-                totals["images"] += images.shape[0]
-        elapsed = time.perf_counter() - tick
-        last = rows[-1]
-        record = {"event": "log", "step": state.step, "epoch": epoch, "loss": last[0], "seg_loss": last[1],
-                  "cls_loss": last[2], "grad_norm": last[3], "lr": lr, "skipped_epoch": skipped,
-                  "images_per_s": images_since / max(elapsed, 1e-9)}
-        _append_jsonl(run.run_dir / "steps.jsonl", events + [record])
-        bar.set_postfix(loss=f"{last[0]:.3f}", lr=f"{lr:.2e}", gnorm=f"{last[3]:.2f}", skipped=skipped)
-        bar.update(len(rows))
-        pending, tick, images_since = [], time.perf_counter(), 0
-        if skipped > cfg.max_skip_fraction * steps:
+        batches.append(batch)
+        done = state.batch + len(pending) >= run.steps_per_epoch
+        if len(pending) >= cfg.log_interval or done or run.stop_signal:
+            record = flush_interval(run, epoch, pending, batches, started)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                            gnorm=f"{record['grad_norm']:.2f}", skipped=record["skipped_epoch"])
+            bar.update(len(pending))
+            pending, batches, started = [], [], time.perf_counter()
+        if run.stop_signal:
             bar.close()
-            raise TrainingFailed(
-                f"{skipped} of {steps} steps in epoch {epoch + 1} were skipped (more than max_skip_fraction="
-                f"{cfg.max_skip_fraction}); reasons so far: {state.skipped}. Training is not learning: "
-                f"run diagnose_training.py with the same flags, and see {run.run_dir / 'steps.jsonl'}")
+            raise StopRequested(run.stop_signal)
     bar.close()
-    n = max(totals["images"], 1)
-    return {"train_loss": totals["loss"] / n if totals["accepted"] else float("nan"),
-            "train_seg_loss": totals["seg"] / n if totals["accepted"] else float("nan"),
-            "train_cls_loss": totals["cls"] / n if totals["accepted"] else float("nan"),
-            "train_cls_acc": totals["correct"] / n, "skipped_steps": skipped}
+    sums = state.epoch_sums
+    n = sums.get("images", 0)
+    return {"train_loss": sums["loss"] / n if n else float("nan"),
+            "train_seg_loss": sums["seg"] / n if n else float("nan"),
+            "train_cls_loss": sums["cls"] / n if n else float("nan"),
+            "train_cls_acc": sums["correct"] / n if n else float("nan"),
+            "skipped_steps": int(sums.get("skipped", 0))}
 
 
 @torch.no_grad()
@@ -922,7 +1098,7 @@ def recalibrate_bn(model: nn.Module, loader: DataLoader, batches: int, device: t
 
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_seg_loss", "train_cls_loss", "train_cls_acc", "skipped_steps",
-                  "val_loss", "val_seg_loss", "val_cls_loss", "val_miou", "val_pixel_acc", "val_cls_acc",
+                  "rollbacks", "val_loss", "val_seg_loss", "val_cls_loss", "val_miou", "val_pixel_acc", "val_cls_acc",
                   "val_cls_f1", "seconds"]
 
 
@@ -937,65 +1113,70 @@ def write_metrics_row(path: Path, row: dict[str, Any]) -> None:
 
 def checkpoint_payload(run: Run) -> dict[str, Any]:
     cfg = run.cfg
-    model = run.model.module if hasattr(run.model, "module") else run.model
-    return {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "guard": run.guard.state_dict(),
-            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-            "state": asdict(run.state), "config": cfg.to_dict(), "rng": rng_state(),
+    return {"format": CHECKPOINT_FORMAT, **training_state(run), "state": asdict(run.state), "config": cfg.to_dict(),
             "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
             "class_names": class_names(cfg)}
 
 
-def restore(run: Run, payload: dict[str, Any]) -> None:
-    """Put a run back where a checkpoint left it."""
-    model = run.model.module if hasattr(run.model, "module") else run.model
-    model.load_state_dict(payload["model"])
-    run.optimizer.load_state_dict(payload["optimizer"])
-    run.scheduler.load_state_dict(payload["scheduler"])
-    run.guard.load_state_dict(payload["guard"])
-    if run.scaler is not None and payload.get("scaler"):
-        run.scaler.load_state_dict(payload["scaler"])
+def resume(run: Run, payload: dict[str, Any]) -> None:
+    """Put a run back exactly where a checkpoint left it (weights, optimizer, schedule, RNG, data position)."""
+    restore_training_state(run, payload)
     run.state = TrainState(**payload["state"])
-    set_rng_state(payload["rng"])
+
+
+def _end_epoch(run: Run, epoch: int, train: dict[str, float], start: float) -> dict[str, Any]:
+    """Evaluate, write the metrics row and checkpoints, update the early-stopping counters."""
+    cfg, state = run.cfg, run.state
+    if cfg.bn_recalibrate > 0:
+        recalibrate_bn(run.model, run.train_loader, cfg.bn_recalibrate, run.device)
+    val = evaluate(run.model, run.val_loader, run.loss_fn, cfg, run.device, run.autocast)
+    state.epoch, state.batch = epoch + 1, 0
+    row = {"epoch": epoch + 1, "lr": run.scheduler.get_last_lr()[0], **train, "rollbacks": state.rollbacks,
+           **{k: v for k, v in val.items() if not k.endswith("_cm")}, "seconds": time.perf_counter() - start}
+    improved = val["val_miou"] > state.best_miou
+    if improved:
+        state.best_miou, state.best_epoch, state.epochs_since_best = val["val_miou"], epoch + 1, 0
+    else:
+        state.epochs_since_best += 1
+    if run.is_main:
+        write_metrics_row(run.run_dir / "metrics.csv", row)
+    names = class_names(cfg)
+    log.info("epoch %d/%d  loss %.4f (seg %.4f cls %.4f)  val loss %.4f  mIoU %.4f  pixel acc %.4f  "
+             "cls acc %.4f (train-mode %.4f)  F1 %.4f  skipped %d  lr %.2e  %.1fs%s",
+             epoch + 1, cfg.epochs, row["train_loss"], row["train_seg_loss"], row["train_cls_loss"],
+             row["val_loss"], row["val_miou"], row["val_pixel_acc"], row["val_cls_acc"], row["train_cls_acc"],
+             row["val_cls_f1"], row["skipped_steps"], row["lr"], row["seconds"], "  *best*" if improved else "")
+    log.info("%s\n%s", format_table("segmentation (val)", val["seg_cm"], names["seg"], "IoU"),
+             format_table("classification (val)", val["cls_cm"], names["cls"], "F1"))
+    payload = checkpoint_payload(run)
+    row["saved"] = save_checkpoint(run.run_dir / "last.pt", payload, run.is_main)
+    if improved:
+        save_checkpoint(run.run_dir / "best.pt", payload, run.is_main)
+    return row
 
 
 def fit(run: Run) -> dict[str, Any]:
-    """Epochs of train_one_epoch + evaluate, metrics.csv, last/best checkpoints, early stopping."""
+    """Epochs of train_one_epoch + evaluation, from wherever run.state says the run is."""
     cfg, state = run.cfg, run.state
-    names = class_names(cfg)
-    result: dict[str, Any] = {}
+    run.snapshot = take_snapshot(run)
+    row: dict[str, Any] = {}
     for epoch in range(state.epoch, cfg.epochs):
+        state.epoch = epoch
         start = time.perf_counter()
-        train = train_one_epoch(run, epoch)
-        if cfg.bn_recalibrate > 0:
-            recalibrate_bn(run.model, run.train_loader, cfg.bn_recalibrate, run.device)
-        val = evaluate(run.model, run.val_loader, run.loss_fn, cfg, run.device, run.autocast)
-        state.epoch = epoch + 1
-        row = {"epoch": epoch + 1, "lr": run.scheduler.get_last_lr()[0], **train,
-               **{k: v for k, v in val.items() if not k.endswith("_cm")}, "seconds": time.perf_counter() - start}
-        improved = val["val_miou"] > state.best_miou
-        if improved:
-            state.best_miou, state.best_epoch, state.epochs_since_best = val["val_miou"], epoch + 1, 0
-        else:
-            state.epochs_since_best += 1
-        write_metrics_row(run.run_dir / "metrics.csv", row)
-        log.info("epoch %d/%d  loss %.4f (seg %.4f cls %.4f)  val loss %.4f  mIoU %.4f  pixel acc %.4f  "
-                 "cls acc %.4f (train-mode %.4f)  F1 %.4f  skipped %d  lr %.2e  %.1fs%s",
-                 epoch + 1, cfg.epochs, row["train_loss"], row["train_seg_loss"], row["train_cls_loss"],
-                 row["val_loss"], row["val_miou"], row["val_pixel_acc"], row["val_cls_acc"], row["train_cls_acc"],
-                 row["val_cls_f1"], row["skipped_steps"], row["lr"], row["seconds"], "  *best*" if improved else "")
-        log.info("%s\n%s", format_table("segmentation (val)", val["seg_cm"], names["seg"], "IoU"),
-                 format_table("classification (val)", val["cls_cm"], names["cls"], "F1"))
-        payload = checkpoint_payload(run)
-        save_checkpoint(run.run_dir / "last.pt", payload)
-        if improved:
-            save_checkpoint(run.run_dir / "best.pt", payload)
-        result = row
+        try:
+            train = train_one_epoch(run, epoch)
+        except StopRequested:
+            save_checkpoint(run.run_dir / "last.pt", checkpoint_payload(run), run.is_main)
+            raise
+        row = _end_epoch(run, epoch, train, start)
         if state.epochs_since_best >= cfg.patience:
             log.info("early stop: no better val mIoU for %d epochs (best %.4f at epoch %d)",
                      cfg.patience, state.best_miou, state.best_epoch)
             break
-    return result
+    if row and not row["saved"]:
+        raise TrainingFailed(f"the final checkpoint could not be written to {run.run_dir / 'last.pt'} "
+                             f"(see the error above); the previous one is kept")
+    return row
 
 
 # ---- main ----
@@ -1024,37 +1205,73 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, len(train_loader))
+    steps_per_epoch = len(train_loader)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     return Run(cfg=cfg, model=model, loss_fn=build_loss(cfg).to(device), optimizer=optimizer, scheduler=scheduler,
                guard=StepGuard(model, cfg, device), device=device, train_loader=train_loader,
-               val_loader=val_loader, run_dir=run_dir, scaler=scaler)
+               val_loader=val_loader, run_dir=run_dir, steps_per_epoch=steps_per_epoch, scaler=scaler)
+
+
+def resume_path(cfg: Config, run_dir: Path) -> Path | None:
+    """--resume PATH, or --resume auto: this run folder's last.pt if there is one (else start fresh)."""
+    if cfg.resume != "auto":
+        return Path(cfg.resume) if cfg.resume else None
+    last = run_dir / "last.pt"
+    if last.is_file():
+        return last
+    log.info("--resume auto: no %s yet, starting from scratch", last)
+    return None
+
+
+def install_stop_handlers(run: Run) -> dict[int, Any]:
+    """SIGTERM/SIGINT: finish the current step, save last.pt, exit. A second SIGINT interrupts at once."""
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if run.stop_signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        run.stop_signal = signal.Signals(signum).name
+        log.warning("%s received: finishing the current step, then saving last.pt", run.stop_signal)
+
+    return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _start(argv: list[str] | None) -> tuple[Run, list[logging.Handler]]:
+    """Config, run folder, logging and the Run, resumed if asked."""
+    cfg = load_config(argv, prog="train_enhanced_adaptivestream.py")
+    run_dir = Path(cfg.out_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.out_dir = str(run_dir)
+    handlers = setup_logging(run_dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    log.info("resolved config (also in %s):\n%s", run_dir / "config.yaml",
+             yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+    run = build_run(cfg, run_dir)
+    checkpoint = resume_path(cfg, run_dir)
+    if checkpoint is not None:
+        resume(run, load_checkpoint(checkpoint, cfg))
+        log.info("resumed from %s: epoch %d, batch %d of %d, step %d, %d rollbacks, LR scale %g", checkpoint,
+                 run.state.epoch + 1, run.state.batch, run.steps_per_epoch, run.state.step, run.state.rollbacks,
+                 run.state.lr_scale)
+    params = sum(p.numel() for p in run.model.parameters())
+    log.info("device %s | %s backbone | %.2fM parameters | %d train / %d val images | %d steps per epoch",
+             run.device, cfg.backbone, params / 1e6, len(run.train_loader.dataset), len(run.val_loader.dataset),
+             run.steps_per_epoch)
+    return run, handlers
 
 
 def main(argv: list[str] | None = None) -> int:
     handlers: list[logging.Handler] = []
+    previous_handlers: dict[int, Any] = {}
     try:
-        cfg = load_config(argv, prog="train_enhanced_adaptivestream.py")
-        run_dir = Path(cfg.out_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.out_dir = str(run_dir)
-        handlers = setup_logging(run_dir)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        log.info("resolved config (also in %s):\n%s", run_dir / "config.yaml",
-                 yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
-        run = build_run(cfg, run_dir)
-        if cfg.resume:
-            restore(run, load_checkpoint(cfg.resume, cfg))
-            log.info("resumed from %s at epoch %d, step %d", cfg.resume, run.state.epoch, run.state.step)
-        params = sum(p.numel() for p in run.model.parameters())
-        log.info("device %s | %s backbone | %.2fM parameters | %d train / %d val images | %d steps per epoch",
-                 run.device, cfg.backbone, params / 1e6, len(run.train_loader.dataset), len(run.val_loader.dataset),
-                 len(run.train_loader))
+        run, handlers = _start(argv)
+        previous_handlers = install_stop_handlers(run)
         result = fit(run)
-        skipped = sum(run.state.skipped.values())
-        log.info("done: best val mIoU %.4f at epoch %d; last val cls acc %.4f; %d skipped steps %s; run folder %s",
-                 run.state.best_miou, run.state.best_epoch, result.get("val_cls_acc", float("nan")), skipped,
-                 run.state.skipped or "", run_dir)
+        state = run.state
+        log.info("done: best val mIoU %.4f at epoch %d; last val cls acc %.4f; %d skipped steps %s; "
+                 "%d rollbacks; run folder %s", state.best_miou, state.best_epoch,
+                 result.get("val_cls_acc", float("nan")), sum(state.skipped.values()), state.skipped or "",
+                 state.rollbacks, run.run_dir)
         return 0
     except (ConfigError, DataError, CheckpointError) as err:
         (log.error if handlers else lambda m, e: print(m % e, file=sys.stderr))("error: %s", err)
@@ -1062,7 +1279,13 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingFailed as err:
         log.error("training failed: %s", err)
         return 1
+    except StopRequested as err:
+        log.warning("stopped by %s at epoch %d, step %d; last.pt is saved. Resume with the same command plus "
+                    "--resume %s", err, run.state.epoch + 1, run.state.step, run.run_dir / "last.pt")
+        return 0 if str(err) == "SIGTERM" else 130
     finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
         for handler in handlers:
             log.removeHandler(handler)
             handler.close()

@@ -1,0 +1,229 @@
+"""Fault injection: every bad step is skipped and accounted for, rollbacks restore exactly, nothing
+written to disk is ever corrupt or non-finite, and a stopped run resumes bit-identically."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import train_enhanced_adaptivestream as T
+from conftest import ROOT
+
+
+def events(run_dir, kind):
+    lines = (run_dir / "steps.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == kind]
+
+
+def metrics(run_dir):
+    return list(csv.DictReader(open(run_dir / "metrics.csv")))
+
+
+def poison_sample(monkeypatch, index):
+    """Make training sample `index` an image with a NaN pixel, on the CPU side like real bad data."""
+    original = T.build_datasets
+
+    def build(cfg):
+        train, val = original(cfg)
+        get = train.__getitem__
+
+        class Poisoned(type(train)):
+            def __getitem__(self, i):
+                sample = get(i)
+                if i == index:
+                    sample["image"] = sample["image"].clone()
+                    sample["image"][0, 1, 1] = float("nan")
+                return sample
+
+        train.__class__ = Poisoned
+        return train, val
+
+    monkeypatch.setattr(T, "build_datasets", build)
+
+
+def test_nan_image_is_skipped_counted_and_its_batch_saved(monkeypatch, tiny_args, tmp_path):
+    poison_sample(monkeypatch, 5)
+    assert T.main(tiny_args) == 0
+    run_dir = tmp_path / "run"
+    assert [r["skipped_steps"] for r in metrics(run_dir)] == ["1", "1"]  # sample 5 is in one batch per epoch
+    skips = events(run_dir, "skip")
+    assert [s["reason"] for s in skips] == ["non-finite loss"] * 2
+    saved = T.load_bad_batch(skips[0]["file"])
+    assert "train/5" in saved["ids"] and torch.isnan(saved["images"]).any()
+    assert saved["step"] == skips[0]["step"] and saved["reason"] == "non-finite loss"
+    payload = T.load_checkpoint(run_dir / "last.pt")
+    assert payload["state"]["skipped"] == {"non-finite loss": 2}
+    assert all(torch.isfinite(v).all() for v in payload["model"].values() if v.is_floating_point())
+
+
+def test_inf_gradient_at_step_k_is_skipped_exactly_there(monkeypatch, tiny_args, tmp_path):
+    original, calls = T.train_step, []
+
+    def inject(run, images, masks, labels):
+        calls.append(1)
+        if len(calls) != 3:
+            return original(run, images, masks, labels)
+        handle = run.model.seg_head.bias.register_hook(lambda g: torch.full_like(g, float("inf")))
+        try:
+            return original(run, images, masks, labels)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(T, "train_step", inject)
+    assert T.main(tiny_args) == 0
+    skips = events(tmp_path / "run", "skip")
+    assert [(s["step"], s["reason"]) for s in skips] == [(2, "non-finite gradient")]
+    assert (tmp_path / "run" / "bad_batches" / "step_2.pt").is_file()
+
+
+def test_rollback_restores_the_snapshot_bit_for_bit_and_backs_off_the_lr(make_run):
+    run = make_run("--warmup-epochs", "0", "--lr-decay", "constant")
+    images, masks, labels = T.to_device(next(iter(run.train_loader)), run)
+    T.train_step(run, images, masks, labels)
+    run.snapshot = T.take_snapshot(run)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    moments = {k: v.clone() for k, v in run.optimizer.state_dict()["state"][0].items()}
+    for _ in range(3):
+        T.train_step(run, images, masks, labels)
+    assert not torch.equal(before["seg_head.weight"], run.model.seg_head.weight)
+    event = T.roll_back(run, "test")
+    for name, tensor in run.model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    for key, tensor in run.optimizer.state_dict()["state"][0].items():
+        assert torch.equal(tensor, moments[key]), key
+    assert event["rollbacks"] == 1 and run.state.lr_scale == 0.5
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * run.cfg.base_lr)
+    T.roll_back(run, "again")  # the snapshot survived the first restore intact
+    for name, tensor in run.model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.25 * run.cfg.base_lr)
+
+
+def test_consecutive_skips_roll_back_then_abort_with_a_pointer_to_the_bad_batches(monkeypatch, tiny_args, tmp_path,
+                                                                                   capsys):
+    original = T.train_step
+    monkeypatch.setattr(T, "train_step", lambda r, i, m, l: original(r, i.clone().fill_(float("nan")), m, l)
+                        if r.state.step >= 1 else original(r, i, m, l))
+    code = T.main(tiny_args + ["--max-consecutive-skips", "1", "--max-rollbacks", "2", "--max-skip-fraction", "1",
+                               "--log-interval", "1"])
+    assert code == 1
+    run_dir = tmp_path / "run"
+    rollbacks = events(run_dir, "rollback")
+    assert [r["rollbacks"] for r in rollbacks] == [1, 2] and rollbacks[-1]["lr_scale"] == 0.25
+    err = capsys.readouterr().err
+    assert "after 2 rollbacks already" in err and "diagnose_training.py --batch" in err
+    assert len(list((run_dir / "bad_batches").glob("step_*.pt"))) == 3
+
+
+def test_a_diverging_learning_rate_never_writes_a_non_finite_checkpoint(tiny_args, tmp_path):
+    code = T.main(tiny_args + ["--base-lr", "10", "--min-lr", "1", "--max-grad-norm", "1000", "--skip-grad-norm",
+                               "1e30", "--epochs", "3", "--log-interval", "1"])
+    assert code in (0, 1)
+    for path in (tmp_path / "run").glob("*.pt"):
+        T.load_checkpoint(path)  # raises on a non-finite weight
+
+
+def snapshot_weights(path):
+    return T.load_checkpoint(path)["model"]
+
+
+def test_sigterm_mid_epoch_then_resume_is_bit_identical_to_an_uninterrupted_run(monkeypatch, tmp_path):
+    from conftest import TINY
+    args = TINY + ["--epochs", "2", "--log-interval", "3"]
+    assert T.main(args + ["--out-dir", str(tmp_path / "straight")]) == 0
+
+    original, calls = T.train_step, []
+
+    def preempt(run, images, masks, labels):
+        calls.append(1)
+        out = original(run, images, masks, labels)
+        if len(calls) == 6:  # in the middle of epoch 2 (4 steps per epoch)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(T, "train_step", preempt)
+    resumed = tmp_path / "resumed"
+    assert T.main(args + ["--out-dir", str(resumed)]) == 0
+    state = T.load_checkpoint(resumed / "last.pt")["state"]
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 2, 6)
+    monkeypatch.setattr(T, "train_step", original)
+    assert T.main(args + ["--out-dir", str(resumed), "--resume", "auto"]) == 0
+    straight, again = snapshot_weights(tmp_path / "straight" / "last.pt"), snapshot_weights(resumed / "last.pt")
+    for name in straight:
+        assert torch.equal(straight[name], again[name]), name
+    assert metrics(resumed)[-1]["val_miou"] == metrics(tmp_path / "straight")[-1]["val_miou"]
+    assert metrics(resumed)[-1]["train_loss"] == metrics(tmp_path / "straight")[-1]["train_loss"]
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(monkeypatch, tiny_args, tmp_path):
+    real_save, calls = torch.save, []
+
+    def full_disk(obj, handle, *args, **kwargs):
+        calls.append(getattr(handle, "name", ""))
+        if str(calls[-1]).endswith("last.pt.tmp") and sum(str(c).endswith("last.pt.tmp") for c in calls) >= 2:
+            handle.write(b"half a checkpoint")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(T.torch, "save", full_disk)
+    assert T.main(tiny_args) == 1  # the final checkpoint could not be written: the run says so
+    payload = T.load_checkpoint(tmp_path / "run" / "last.pt")
+    assert payload["state"]["epoch"] == 1  # epoch 1's checkpoint survived epoch 2's failed write
+    assert not (tmp_path / "run" / "last.pt.tmp").exists()
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, tiny_args):
+    script = textwrap.dedent(f"""
+        import sys, time, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        import train_enhanced_adaptivestream as T
+        real_save, writes = torch.save, []
+        def hanging_save(obj, handle, *args, **kwargs):
+            if str(getattr(handle, "name", "")).endswith("last.pt.tmp"):
+                writes.append(1)
+                if len(writes) == 2:
+                    handle.write(b"partial")
+                    handle.flush()
+                    print("WRITING", flush=True)
+                    time.sleep(120)
+            return real_save(obj, handle, *args, **kwargs)
+        torch.save = hanging_save
+        sys.exit(T.main({tiny_args!r}))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, cwd=tmp_path)
+    try:
+        for line in proc.stdout:
+            if "WRITING" in line:
+                break
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    run_dir = tmp_path / "run"
+    assert (run_dir / "last.pt.tmp").read_bytes() == b"partial"
+    assert T.load_checkpoint(run_dir / "last.pt")["state"]["epoch"] == 1
+    assert T.main(tiny_args + ["--resume", "auto"]) == 0
+    assert T.load_checkpoint(run_dir / "last.pt")["state"]["epoch"] == 2
+
+
+def test_bf16_autocast_trains_on_cpu(tiny_args):
+    assert T.main(tiny_args + ["--amp", "bf16", "--epochs", "1", "--warmup-epochs", "0"]) == 0
+
+
+def test_mid_epoch_checkpoints_record_the_data_position(monkeypatch, tiny_args):
+    real_save, positions = T.save_checkpoint, []
+
+    def record(path, payload, write=True):
+        if path.name == "last.pt":
+            positions.append((payload["state"]["epoch"], payload["state"]["batch"]))
+        return real_save(path, payload, write)
+
+    monkeypatch.setattr(T, "save_checkpoint", record)
+    assert T.main(tiny_args + ["--checkpoint-every", "3", "--log-interval", "1", "--epochs", "2"]) == 0
+    assert positions == [(0, 3), (1, 0), (1, 2), (2, 0)]  # steps 3 and 6 mid-epoch, then each epoch end
