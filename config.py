@@ -85,6 +85,8 @@ DEVICE: str = "auto"  # auto | cpu | cuda | cuda:N
 OUT_DIR: str | None = None  # run folder (default runs/<timestamp>)
 RESUME: str | None = None  # checkpoint to resume from, or auto (<out_dir>/last.pt if it exists)
 CHECKPOINT_EVERY: int = 200  # also write last.pt every this many steps (0 = only at epoch ends)
+SYNC_BN: bool = False  # under torchrun on CUDA: SyncBatchNorm (batch statistics over all GPUs)
+SCALE_LR: bool = False  # under torchrun: multiply base_lr by the number of processes (linear scaling rule)
 PATIENCE: int = 10  # stop after this many epochs without a better val mIoU
 LOG_INTERVAL: int = 10  # steps between log lines (the only host syncs of the loop)
 BN_RECALIBRATE: int = 0  # before each evaluation, re-estimate BatchNorm statistics over this many train batches (0 = off)

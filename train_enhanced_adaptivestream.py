@@ -60,12 +60,15 @@ class _TqdmHandler(logging.StreamHandler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
-def setup_logging(run_dir: Path | None) -> list[logging.Handler]:
-    """Console (+ train.log) handlers on the package logger; returned so main() can remove them."""
-    log.setLevel(logging.INFO)
+def setup_logging(run_dir: Path | None, quiet: bool = False) -> list[logging.Handler]:
+    """Console (+ train.log) handlers on the script's logger; returned so main() can remove them.
+
+    quiet (ranks > 0 under torchrun): errors only, no file.
+    """
+    log.setLevel(logging.ERROR if quiet else logging.INFO)
     log.propagate = False
     handlers: list[logging.Handler] = [_TqdmHandler()]
-    handlers[0].setFormatter(logging.Formatter("%(message)s"))
+    handlers[0].setFormatter(logging.Formatter("%(message)s" if not quiet else "[rank error] %(message)s"))
     if run_dir is not None:
         file_handler = logging.FileHandler(run_dir / "train.log")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -865,7 +868,13 @@ class Run:
     state: TrainState = field(default_factory=TrainState)
     snapshot: dict[str, Any] | None = None  # last good training state, in CPU memory
     stop_signal: str | None = None  # set by the SIGTERM/SIGINT handler; checked after each step
-    is_main: bool = True  # rank 0: the only process that writes files
+    rank: int = 0
+    world_size: int = 1  # processes under torchrun
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes files and prints progress."""
+        return self.rank == 0
 
     def autocast(self):
         if self.cfg.amp == "off":
@@ -910,6 +919,8 @@ def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor, labels: torc
         reason = torch.zeros((), dtype=torch.long, device=loss.device)
     else:
         reason = guard.reason(loss.detach(), grad_norm)
+        if run.world_size > 1:  # one verdict for all ranks, so their weights never drift apart
+            torch.distributed.all_reduce(reason, op=torch.distributed.ReduceOp.MAX)
         skip = reason != 0
         optimizer.found_inf = skip.float()  # fused optimizers skip the update on the device when this is 1
         optimizer.grad_scale = None
@@ -972,8 +983,15 @@ def flush_interval(run: Run, epoch: int, pending: list[torch.Tensor], batches: l
     cfg, state = run.cfg, run.state
     params = list(unwrap(run.model).parameters())
     finite = torch.stack(torch._foreach_norm(params)).isfinite().all().float().view(1)
-    table = torch.cat([torch.stack(pending).flatten(), finite]).cpu()
-    rows, params_finite = table[:-1].view(len(pending), -1).tolist(), bool(table[-1])
+    stop = torch.tensor([float(run.stop_signal is not None)], device=finite.device)
+    table = torch.cat([torch.stack(pending).flatten(), finite, stop])
+    if run.world_size > 1:  # average losses over ranks; verdicts are equal already; agree on finite and stop
+        torch.distributed.all_reduce(table)
+        table /= run.world_size
+    table = table.cpu()
+    rows, params_finite = table[:-2].view(len(pending), -1).tolist(), bool(table[-2] == 1.0)
+    if table[-1] > 0 and run.stop_signal is None:
+        run.stop_signal = "SIGTERM"  # another rank was asked to stop: every rank stops at this same step
     first = state.step
     events = [e for i, (row, batch) in enumerate(zip(rows, batches))
               if (e := _account_step(run, epoch, first + i, row, batch)) is not None]
@@ -996,7 +1014,8 @@ def flush_interval(run: Run, epoch: int, pending: list[torch.Tensor], batches: l
     record = {"event": "log", "step": state.step, "epoch": epoch, "loss": last[0], "seg_loss": last[1],
               "cls_loss": last[2], "grad_norm": last[3], "lr": run.scheduler.get_last_lr()[0],
               "skipped_epoch": int(state.epoch_sums.get("skipped", 0)), "rollbacks": state.rollbacks,
-              "images_per_s": images / max(time.perf_counter() - started, 1e-9)}
+              "images_per_s": images * run.world_size / max(time.perf_counter() - started, 1e-9),
+              "stop": run.stop_signal is not None}
     _append_jsonl(run, events + [record])
     if state.epoch_sums.get("skipped", 0) > cfg.max_skip_fraction * run.steps_per_epoch:
         raise TrainingFailed(
@@ -1025,15 +1044,18 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
         pending.append(train_step(run, images, masks, labels))
         batches.append(batch)
         done = state.batch + len(pending) >= run.steps_per_epoch
-        if len(pending) >= cfg.log_interval or done or run.stop_signal:
+        # A lone process stops right after the step it was signalled in; under torchrun ranks agree at
+        # the next log interval, so that all of them stop after the same step.
+        stop_now = run.stop_signal is not None and run.world_size == 1
+        if len(pending) >= cfg.log_interval or done or stop_now:
             record = flush_interval(run, epoch, pending, batches, started)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                             gnorm=f"{record['grad_norm']:.2f}", skipped=record["skipped_epoch"])
             bar.update(len(pending))
             pending, batches, started = [], [], time.perf_counter()
-        if run.stop_signal:
-            bar.close()
-            raise StopRequested(run.stop_signal)
+            if record["stop"]:
+                bar.close()
+                raise StopRequested(run.stop_signal)
     bar.close()
     sums = state.epoch_sums
     n = sums.get("images", 0)
@@ -1128,8 +1150,11 @@ def _end_epoch(run: Run, epoch: int, train: dict[str, float], start: float) -> d
     """Evaluate, write the metrics row and checkpoints, update the early-stopping counters."""
     cfg, state = run.cfg, run.state
     if cfg.bn_recalibrate > 0:
-        recalibrate_bn(run.model, run.train_loader, cfg.bn_recalibrate, run.device)
-    val = evaluate(run.model, run.val_loader, run.loss_fn, cfg, run.device, run.autocast)
+        recalibrate_bn(unwrap(run.model), run.train_loader, cfg.bn_recalibrate, run.device)
+    if run.world_size > 1:  # evaluate (and save) rank 0's BN statistics everywhere, as DDP's forward would
+        for buffer in unwrap(run.model).buffers():
+            torch.distributed.broadcast(buffer, 0)
+    val = evaluate(unwrap(run.model), run.val_loader, run.loss_fn, cfg, run.device, run.autocast)
     state.epoch, state.batch = epoch + 1, 0
     row = {"epoch": epoch + 1, "lr": run.scheduler.get_last_lr()[0], **train, "rollbacks": state.rollbacks,
            **{k: v for k, v in val.items() if not k.endswith("_cm")}, "seconds": time.perf_counter() - start}
@@ -1195,22 +1220,47 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_run(cfg: Config, run_dir: Path) -> Run:
-    """Data, model, loss, optimizer, schedule and guard for cfg, on its device."""
+def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE).
+
+    NCCL with one GPU per local rank on CUDA, Gloo on CPU; a plain `python` launch is rank 0 of 1.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world_size, device
+
+
+def build_run(cfg: Config, run_dir: Path) -> Run:
+    """Data, model, loss, optimizer, schedule and guard for cfg, on its device (and rank, under torchrun)."""
+    rank, world_size, device = setup_distributed(cfg)
+    seed_everything(cfg.seed)  # the same initial weights on every rank
     train_ds, val_ds = build_datasets(cfg)
-    train_loader, val_loader = build_loaders(cfg, train_ds, val_ds, device)
+    train_loader, val_loader = build_loaders(cfg, train_ds, val_ds, device, rank, world_size)
     model = build_model(cfg).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model)
+    guard = StepGuard(model, cfg, device)
+    if world_size > 1:
+        if cfg.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            guard = StepGuard(model, cfg, device)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
+    seed_everything(cfg.seed + rank)  # different augmentation and dropout draws on each rank
+    optimizer = build_optimizer(cfg, unwrap(model))
     steps_per_epoch = len(train_loader)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     return Run(cfg=cfg, model=model, loss_fn=build_loss(cfg).to(device), optimizer=optimizer, scheduler=scheduler,
-               guard=StepGuard(model, cfg, device), device=device, train_loader=train_loader,
-               val_loader=val_loader, run_dir=run_dir, steps_per_epoch=steps_per_epoch, scaler=scaler)
+               guard=guard, device=device, train_loader=train_loader, val_loader=val_loader, run_dir=run_dir,
+               steps_per_epoch=steps_per_epoch, scaler=scaler, rank=rank, world_size=world_size)
 
 
 def resume_path(cfg: Config, run_dir: Path) -> Path | None:
@@ -1239,13 +1289,22 @@ def install_stop_handlers(run: Run) -> dict[int, Any]:
 def _start(argv: list[str] | None) -> tuple[Run, list[logging.Handler]]:
     """Config, run folder, logging and the Run, resumed if asked."""
     cfg = load_config(argv, prog="train_enhanced_adaptivestream.py")
+    world_size, is_main = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")) == 0
+    if world_size > 1 and not cfg.out_dir:
+        raise ConfigError("out_dir: under torchrun pass --out-dir, so that every rank uses the same run folder")
+    if world_size > 1 and cfg.sync_bn and not str(cfg.device).startswith(("cuda", "auto")):
+        raise ConfigError("sync_bn: SyncBatchNorm needs CUDA; drop --sync-bn on CPU")
+    if cfg.scale_lr and world_size > 1:
+        cfg.base_lr *= world_size  # linear scaling rule (Goyal et al., 2017)
     run_dir = Path(cfg.out_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
-    run_dir.mkdir(parents=True, exist_ok=True)
     cfg.out_dir = str(run_dir)
-    handlers = setup_logging(run_dir)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    log.info("resolved config (also in %s):\n%s", run_dir / "config.yaml",
-             yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    handlers = setup_logging(run_dir if is_main else None, quiet=not is_main)
+    if is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        log.info("resolved config (also in %s):\n%s", run_dir / "config.yaml",
+                 yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
     run = build_run(cfg, run_dir)
     checkpoint = resume_path(cfg, run_dir)
     if checkpoint is not None:
@@ -1257,6 +1316,8 @@ def _start(argv: list[str] | None) -> tuple[Run, list[logging.Handler]]:
     log.info("device %s | %s backbone | %.2fM parameters | %d train / %d val images | %d steps per epoch",
              run.device, cfg.backbone, params / 1e6, len(run.train_loader.dataset), len(run.val_loader.dataset),
              run.steps_per_epoch)
+    log.info("global batch %d = batch_size %d x %d process(es); base_lr %g (scale_lr %s)",
+             cfg.batch_size * run.world_size, cfg.batch_size, run.world_size, cfg.base_lr, cfg.scale_lr)
     return run, handlers
 
 
@@ -1286,6 +1347,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         for handler in handlers:
             log.removeHandler(handler)
             handler.close()

@@ -1,0 +1,59 @@
+"""torchrun with two CPU processes (Gloo): ranks stay bit-identical, the guard decides together,
+metrics equal a one-process evaluation, and checkpoints move between process counts."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_enhanced_adaptivestream as T
+from config import load_config
+from conftest import ROOT, TINY
+
+ARGS = TINY + ["--synthetic-val-size", "7", "--log-interval", "1"]  # 7: the two val shards differ in size
+
+
+def torchrun(tmp_path, inject="", extra=()):
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    env = dict(os.environ, DDP_TEST_DUMP=str(dump), DDP_TEST_INJECT=inject, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "_ddp_worker.py"), *ARGS, *extra, "--out-dir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def assert_same_weights(rank0, rank1):
+    assert rank0["weights"].keys() == rank1["weights"].keys()
+    for name, tensor in rank0["weights"].items():
+        assert torch.equal(tensor, rank1["weights"][name]), name
+
+
+def test_two_processes_agree_and_their_metrics_equal_a_one_process_evaluation(tmp_path):
+    rank0, rank1 = torchrun(tmp_path)
+    assert_same_weights(rank0, rank1)
+    run_dir = tmp_path / "run"
+    row = list(csv.DictReader(open(run_dir / "metrics.csv")))[-1]
+    cfg = load_config(ARGS + ["--out-dir", str(run_dir)])
+    model = T.build_model(cfg)
+    model.load_state_dict(T.load_checkpoint(run_dir / "last.pt", cfg)["model"])
+    train_ds, val_ds = T.build_datasets(cfg)
+    _, val_loader = T.build_loaders(cfg, train_ds, val_ds, torch.device("cpu"))
+    single = T.evaluate(model, val_loader, T.build_loss(cfg), cfg, torch.device("cpu"))
+    assert int(single["seg_cm"].sum()) == 7 * 32 * 32  # every val pixel once, no padding duplicates
+    for key in ("val_miou", "val_pixel_acc", "val_cls_acc", "val_loss"):
+        assert float(row[key]) == pytest.approx(single[key], rel=1e-5), key
+    # the 2-process checkpoint resumes in a single process
+    assert T.main(ARGS + ["--out-dir", str(run_dir), "--resume", str(run_dir / "last.pt"), "--epochs", "3"]) == 0
+    assert T.load_checkpoint(run_dir / "last.pt")["state"]["epoch"] == 3
+
+
+def test_a_fault_on_rank_1_only_is_skipped_on_both_ranks_without_a_hang(tmp_path):
+    rank0, rank1 = torchrun(tmp_path, inject="inf:1,verdict:3", extra=["--max-skip-fraction", "1"])
+    expected = {"non-finite gradient": 1, "gradient explosion": 1}
+    assert rank0["skipped"] == expected and rank1["skipped"] == expected
+    assert_same_weights(rank0, rank1)
