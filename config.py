@@ -75,10 +75,10 @@ SPIKE_WARMUP: int = 20  # accepted steps before spike checks start
 MAX_SKIP_FRACTION: float = 0.25  # stop the run when more than this fraction of an epoch's steps were skipped
 
 # ---- Results ----
-VIS_EVERY: int = 1  # write vis/epoch_<N>.png (predictions on fixed val images) every this many epochs (0 = off)
+VIS_EVERY: int = 1  # write vis/epoch_N.png (predictions on fixed val images) every this many epochs (0 = off)
 VIS_SAMPLES: int = 8  # validation images in the prediction grid (the first ones of the val set)
-TENSORBOARD: bool = False  # also log scalars and the prediction grid to <out_dir>/tensorboard (pip install tensorboard)
-EVAL_ONLY: bool = False  # evaluate --checkpoint on the val split (tables, eval.json, confusion CSVs) instead of training
+TENSORBOARD: bool = False  # also log scalars and the prediction grid to OUT_DIR/tensorboard (pip install tensorboard)
+EVAL_ONLY: bool = False  # evaluate --checkpoint on the val split: tables, eval.json, confusion CSVs; no training
 CHECKPOINT: str | None = None  # checkpoint for --eval-only / --predict; its settings apply unless given again
 PREDICT: str | None = None  # image file or folder: write masks, overlays and predictions.csv of --checkpoint to --out
 OUT: str | None = None  # output folder of --predict (required) and --eval-only (default: the checkpoint's folder)

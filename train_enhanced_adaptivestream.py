@@ -1125,8 +1125,10 @@ def draw_curves(metrics_csv: Path, out: Path) -> None:
         return [float(r[name]) if r.get(name) not in (None, "") else math.nan for r in rows]
 
     epochs = column("epoch")
-    fig = Figure(figsize=CURVES_INCHES, dpi=CURVES_DPI, layout="constrained")
+    fig = Figure(figsize=CURVES_INCHES, dpi=CURVES_DPI)
     axes = fig.subplots(2, 3).ravel()
+    # Fixed margins: layout="constrained" re-solves the layout and doubled the redraw time (0.6 -> 1.2 s).
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.07, top=0.95, wspace=0.25, hspace=0.35)
     panels = [("loss", ["train_loss", "val_loss"]),
               ("loss per head", ["train_seg_loss", "val_seg_loss", "train_cls_loss", "val_cls_loss"]),
               ("segmentation (val)", ["val_miou", "val_pixel_acc"]),
@@ -1139,7 +1141,7 @@ def draw_curves(metrics_csv: Path, out: Path) -> None:
     axes[4].set_yscale("log")
     axes[5].bar(epochs, column("skipped_steps"), color="tab:red")
     axes[5].set_title("skipped steps")
-    axes[5].set_ylim(0, max([1.0] + [v for v in column("skipped_steps") if v == v]) * 1.1)
+    axes[5].set_ylim(0, max([1.0] + [v for v in column("skipped_steps") if not math.isnan(v)]) * 1.1)
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
