@@ -79,6 +79,15 @@ LR_BACKOFF: float = 0.5  # each rollback multiplies the learning rate by this
 SNAPSHOT_EVERY: int = 100  # accepted steps between in-memory snapshots (the rollback target)
 BAD_BATCH_LIMIT: int = 5  # the first this-many skipped batches are saved to <out_dir>/bad_batches/
 
+# ---- Results ----
+VIS_EVERY: int = 1  # write vis/epoch_N.png (predictions on fixed val images) every this many epochs (0 = off)
+VIS_SAMPLES: int = 8  # validation images in the prediction grid (the first ones of the val set)
+TENSORBOARD: bool = False  # also log scalars and the prediction grid to OUT_DIR/tensorboard (pip install tensorboard)
+EVAL_ONLY: bool = False  # evaluate --checkpoint on the val split: tables, eval.json, confusion CSVs; no training
+CHECKPOINT: str | None = None  # checkpoint for --eval-only / --predict; its settings apply unless given again
+PREDICT: str | None = None  # image file or folder: write masks, overlays and predictions.csv of --checkpoint to --out
+OUT: str | None = None  # output folder of --predict (required) and --eval-only (default: the checkpoint's folder)
+
 # ---- Run ----
 SEED: int = 0  # seeds python, numpy and torch
 DEVICE: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -100,11 +109,11 @@ _CHOICES = {
 }
 _POSITIVE = {"IMAGE_SIZE", "NUM_SEG_CLASSES", "NUM_CLS_CLASSES", "SYNTHETIC_TRAIN_SIZE", "SYNTHETIC_VAL_SIZE",
              "WIDTH", "STREAM_CHANNELS", "DECODER_CHANNELS", "EPOCHS", "BATCH_SIZE", "BASE_LR", "MIN_LR",
-             "MAX_CONSECUTIVE_SKIPS", "SNAPSHOT_EVERY", "LR_BACKOFF",
+             "MAX_CONSECUTIVE_SKIPS", "SNAPSHOT_EVERY", "LR_BACKOFF", "VIS_SAMPLES",
              "MAX_GRAD_NORM", "SKIP_GRAD_NORM", "LR_GAMMA", "LOGIT_BOUND", "SPIKE_WINDOW", "LOG_INTERVAL"}
 _NON_NEGATIVE = {"NUM_WORKERS", "SEG_WEIGHT", "CLS_WEIGHT", "WEIGHT_DECAY", "MOMENTUM", "WARMUP_EPOCHS",
                  "GRAD_SPIKE_FACTOR", "LOSS_SPIKE_FACTOR", "SPIKE_WARMUP", "PATIENCE", "SEED", "LABEL_SMOOTHING",
-                 "BN_RECALIBRATE", "MAX_ROLLBACKS", "BAD_BATCH_LIMIT", "CHECKPOINT_EVERY"}
+                 "BN_RECALIBRATE", "MAX_ROLLBACKS", "BAD_BATCH_LIMIT", "CHECKPOINT_EVERY", "VIS_EVERY"}
 _FRACTIONS = {"MAX_SKIP_FRACTION", "LABEL_SMOOTHING", "LR_GAMMA", "LR_BACKOFF"}
 
 
@@ -228,6 +237,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data_root: dataset {cfg.dataset!r} needs --data-root PATH")
     if cfg.amp == "fp16" and not str(cfg.device).startswith(("cuda", "auto")):
         raise ConfigError("amp: fp16 needs a CUDA device; use --amp bf16 or --amp off on CPU")
+    _validate_modes(cfg)
+
+
+def _validate_modes(cfg: Config) -> None:
+    """--eval-only / --predict and the keys that only they use."""
+    mode = "--eval-only" if cfg.eval_only else "--predict" if cfg.predict else None
+    if cfg.eval_only and cfg.predict:
+        raise ConfigError("eval_only, predict: choose one of --eval-only and --predict per command")
+    if mode and not cfg.checkpoint:
+        raise ConfigError(f"checkpoint: {mode} needs --checkpoint FILE.pt (for example runs/a/best.pt)")
+    if cfg.predict and not cfg.out:
+        raise ConfigError("out: --predict needs --out DIR for the masks, overlays and predictions.csv")
+    if not mode and cfg.checkpoint:
+        raise ConfigError("checkpoint: only used with --eval-only or --predict; to continue training use --resume")
+    if not mode and cfg.out:
+        raise ConfigError("out: only used with --eval-only or --predict; a training run's folder is --out-dir")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -7,6 +7,8 @@ Commands (settings: config.py; every setting also takes a YAML key and a flag):
     torchrun --standalone --nproc_per_node=4 train_enhanced_adaptivestream.py --device cuda
     python train_enhanced_adaptivestream.py --config my.yaml --out-dir runs/a
     python train_enhanced_adaptivestream.py --out-dir runs/a --resume runs/a/last.pt
+    python train_enhanced_adaptivestream.py --eval-only --checkpoint runs/a/best.pt
+    python train_enhanced_adaptivestream.py --predict photos/ --checkpoint runs/a/best.pt --out preds/
 
 Exit codes: 0 finished; 1 training failed (diverged, too many skipped steps);
 2 bad usage or input (config, data, checkpoint), with a message naming the key or file.
@@ -15,6 +17,7 @@ Exit codes: 0 finished; 1 training failed (diverged, too many skipped steps);
 # ---- Imports and logging ----
 from __future__ import annotations
 
+import colorsys
 import copy
 import csv
 import json
@@ -35,13 +38,16 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
+from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 import torch.utils.data.distributed
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import pil_to_tensor
+from torchvision.utils import draw_segmentation_masks, make_grid
 from tqdm import tqdm
 
-from config import Config, ConfigError, load_config
+from config import Config, ConfigError, build_parser, load_config, validate
 
 log = logging.getLogger("adaptivestream")
 
@@ -1185,6 +1191,7 @@ def fit(run: Run) -> dict[str, Any]:
     cfg, state = run.cfg, run.state
     run.snapshot = take_snapshot(run)
     row: dict[str, Any] = {}
+    recorder = ResultsRecorder(run)
     for epoch in range(state.epoch, cfg.epochs):
         state.epoch = epoch
         start = time.perf_counter()
@@ -1194,14 +1201,362 @@ def fit(run: Run) -> dict[str, Any]:
             save_checkpoint(run.run_dir / "last.pt", checkpoint_payload(run), run.is_main)
             raise
         row = _end_epoch(run, epoch, train, start)
+        recorder.record_epoch(epoch + 1, row)
         if state.epochs_since_best >= cfg.patience:
             log.info("early stop: no better val mIoU for %d epochs (best %.4f at epoch %d)",
                      cfg.patience, state.best_miou, state.best_epoch)
             break
+    recorder.close()
     if row and not row["saved"]:
         raise TrainingFailed(f"the final checkpoint could not be written to {run.run_dir / 'last.pt'} "
                              f"(see the error above); the previous one is kept")
     return row
+
+
+# ---- Results ----
+VIS_MIN_PANEL = 128  # grid panels are upscaled (nearest, whole pixels) to at least this side
+VIS_PAD = 2  # white pixels between panels and tiles
+CAPTION_HEIGHT = 28  # two text lines under each image's three panels
+LINE_HEIGHT = 14
+LEGEND_CELL = 120  # width of one legend entry (swatch + class name)
+CURVES_INCHES, CURVES_DPI = (12, 7), 100  # curves.png is 1200 x 700 pixels
+_PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48),
+            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]
+# Settings that belong to this command, never taken from a checkpoint's saved config.
+_INVOCATION_KEYS = {"device", "out_dir", "resume", "vis_every", "vis_samples", "tensorboard", "eval_only",
+                    "checkpoint", "predict", "out"}
+_STEP_SCALARS = ("loss", "seg_loss", "cls_loss", "grad_norm", "lr", "skipped_epoch", "images_per_s")
+
+
+def seg_palette(num_classes: int) -> list[tuple[int, int, int]]:
+    """One RGB colour per segmentation class; entry 0 (background) is never painted."""
+    colours = _PALETTE[:num_classes]
+    for i in range(len(colours), num_classes):  # beyond the table: hues a golden-ratio step apart
+        colours.append(tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 0.95)))
+    return colours
+
+
+def overlay_mask(image: torch.Tensor, mask: torch.Tensor, palette: list[tuple[int, int, int]]) -> torch.Tensor:
+    """uint8 image [3, H, W] with classes 1.. of mask [H, W] painted at 50%; background and ignored pixels stay."""
+    classes = torch.arange(1, len(palette))
+    masks = mask.cpu()[None] == classes[:, None, None]  # [S-1, H, W] bool
+    return draw_segmentation_masks(image.cpu(), masks, alpha=0.5, colors=palette[1:])
+
+
+def denormalize(images: torch.Tensor, mean: Iterable[float], std: Iterable[float]) -> torch.Tensor:
+    """Normalised float images [..., 3, H, W] back to uint8 for display."""
+    mean_t, std_t = torch.tensor(list(mean))[:, None, None], torch.tensor(list(std))[:, None, None]
+    return (images.cpu().float() * std_t + mean_t).clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def _text_strip(width: int, height: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    strip = Image.new("RGB", (width, height), "white")
+    return strip, ImageDraw.Draw(strip)
+
+
+def caption_below(tile: torch.Tensor, lines: list[str]) -> torch.Tensor:
+    strip, draw = _text_strip(tile.shape[-1], CAPTION_HEIGHT)
+    for j, line in enumerate(lines):
+        draw.text((VIS_PAD + 2, j * LINE_HEIGHT), line, fill="black")
+    return torch.cat([tile, pil_to_tensor(strip)], dim=1)
+
+
+def add_legend(grid: torch.Tensor, seg_names: list[str], palette: list[tuple[int, int, int]],
+               title: str) -> torch.Tensor:
+    """A strip above the grid: the title, the column order, and one swatch per segmentation class."""
+    width = grid.shape[-1]
+    per_row = max(1, (width - 2 * VIS_PAD) // LEGEND_CELL)
+    rows = -(-len(seg_names) // per_row)
+    strip, draw = _text_strip(width, LINE_HEIGHT * (rows + 1) + 2 * VIS_PAD)
+    draw.text((VIS_PAD, VIS_PAD), f"{title}   columns: image | ground truth | prediction", fill="black")
+    for k, name in enumerate(seg_names):
+        x, y = VIS_PAD + (k % per_row) * LEGEND_CELL, VIS_PAD + LINE_HEIGHT * (1 + k // per_row)
+        label = f"{name} (not painted)" if k == 0 else name
+        while len(label) > 1 and draw.textlength(label) > LEGEND_CELL - 20:
+            label = label[:-1]
+        draw.rectangle([x, y + 2, x + 10, y + 12], fill=None if k == 0 else palette[k], outline="black")
+        draw.text((x + 14, y), label, fill="black")
+    return torch.cat([pil_to_tensor(strip), grid], dim=1)
+
+
+@torch.no_grad()
+def draw_prediction_grid(model: nn.Module, dataset: Dataset, names: dict[str, list[str]], count: int,
+                         device: torch.device, title: str) -> torch.Tensor:
+    """uint8 [3, H, W]: for each of the first `count` samples, image | truth overlay | prediction overlay,
+    with the true and predicted class and its confidence under it; two images per row; legend on top."""
+    model = model.module if hasattr(model, "module") else model  # rank 0 alone: no DDP collectives
+    samples = [dataset[i] for i in range(min(count, len(dataset)))]
+    images = torch.stack([s["image"] for s in samples])  # [N, 3, H, W], normalised as in training
+    masks = torch.stack([torch.as_tensor(s["mask"]) for s in samples]).long()  # [N, H, W]
+    was_training = model.training
+    model.eval()
+    seg_logits, cls_logits = model(images.to(device))
+    model.train(was_training)
+    preds = seg_logits.argmax(1).cpu()  # [N, H, W]
+    confidence, predicted = cls_logits.float().softmax(1).max(1)
+    confidence, predicted = confidence.cpu().tolist(), predicted.cpu().tolist()
+    palette = seg_palette(len(names["seg"]))
+    shown = denormalize(images, IMAGENET_MEAN, IMAGENET_STD)
+    scale = max(1, -(-VIS_MIN_PANEL // max(images.shape[-2:])))
+    tiles = []
+    for i, sample in enumerate(samples):
+        panels = torch.stack([shown[i], overlay_mask(shown[i], masks[i], palette),
+                              overlay_mask(shown[i], preds[i], palette)])  # [3 panels, 3, H, W]
+        panels = panels.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+        caption = [f"true: {names['cls'][int(sample['label'])]}",
+                   f"pred: {names['cls'][predicted[i]]} ({confidence[i]:.2f})"]
+        tiles.append(caption_below(make_grid(panels, nrow=3, padding=VIS_PAD, pad_value=255), caption))
+    grid = make_grid(tiles, nrow=min(2, len(tiles)), padding=VIS_PAD, pad_value=255)
+    return add_legend(grid, names["seg"], palette, title)
+
+
+def save_png(image: torch.Tensor | Image.Image, path: Path) -> None:
+    """Write atomically, so a viewer refreshing the file never reads half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(image.permute(1, 2, 0).numpy())
+    picture.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def draw_curves(metrics_csv: Path, out: Path) -> None:
+    """curves.png from metrics.csv: losses, val metrics, learning rate (log scale), skipped steps."""
+    from matplotlib.figure import Figure  # the object API: no pyplot, no global backend switch
+    from matplotlib.ticker import MaxNLocator
+
+    with open(metrics_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+
+    def column(name: str) -> list[float]:
+        return [float(r[name]) if r.get(name) not in (None, "") else math.nan for r in rows]
+
+    epochs = column("epoch")
+    fig = Figure(figsize=CURVES_INCHES, dpi=CURVES_DPI)
+    axes = fig.subplots(2, 3).ravel()
+    # Fixed margins: layout="constrained" re-solves the layout and doubled the redraw time (0.6 -> 1.2 s).
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.07, top=0.95, wspace=0.25, hspace=0.35)
+    panels = [("loss", ["train_loss", "val_loss"]),
+              ("loss per head", ["train_seg_loss", "val_seg_loss", "train_cls_loss", "val_cls_loss"]),
+              ("segmentation (val)", ["val_miou", "val_pixel_acc"]),
+              ("classification", ["train_cls_acc", "val_cls_acc", "val_cls_f1"]), ("learning rate", ["lr"])]
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            ax.plot(epochs, column(key), marker="o", markersize=3, label=key)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    axes[4].set_yscale("log")
+    axes[5].bar(epochs, column("skipped_steps"), color="tab:red")
+    axes[5].set_title("skipped steps")
+    axes[5].set_ylim(0, max([1.0] + [v for v in column("skipped_steps") if not math.isnan(v)]) * 1.1)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    tmp = out.with_name(out.name + ".tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, out)
+
+
+class ResultsRecorder:
+    """Per-epoch outputs a person looks at: vis/epoch_<N>.png, curves.png and TensorBoard (rank 0 writes)."""
+
+    def __init__(self, run: Run):
+        self.run, self.active = run, run.is_main
+        self.curves, self.writer = True, None
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            self.curves = False
+            if self.active:
+                log.warning("curves.png is off: matplotlib is not installed (pip install matplotlib to enable it)")
+        if run.cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("tensorboard: --tensorboard needs the tensorboard package, which is not "
+                                  "installed: pip install tensorboard, or drop --tensorboard") from None
+            if self.active:
+                self.writer = SummaryWriter(str(run.run_dir / "tensorboard"))
+        steps = run.run_dir / "steps.jsonl"
+        self.steps_read = steps.stat().st_size if steps.exists() else 0  # on resume: logged before, skip
+
+    def record_epoch(self, epoch: int, row: dict[str, Any]) -> None:
+        """Call after the epoch's metrics.csv row is written; epoch counts from 1."""
+        if not self.active:
+            return
+        cfg, grid = self.run.cfg, None
+        if cfg.vis_every and epoch % cfg.vis_every == 0:
+            grid = draw_prediction_grid(self.run.model, self.run.val_loader.dataset, class_names(cfg),
+                                        cfg.vis_samples, self.run.device, f"epoch {epoch}")
+            save_png(grid, self.run.run_dir / "vis" / f"epoch_{epoch}.png")
+        if self.curves:
+            draw_curves(self.run.run_dir / "metrics.csv", self.run.run_dir / "curves.png")
+        if self.writer is not None:
+            self._write_tensorboard(epoch, row, grid)
+
+    def _write_tensorboard(self, epoch: int, row: dict[str, Any], grid: torch.Tensor | None) -> None:
+        with open(self.run.run_dir / "steps.jsonl") as handle:  # the step lines written since the last call
+            handle.seek(self.steps_read)
+            lines = handle.readlines()
+            self.steps_read = handle.tell()
+        for record in map(json.loads, lines):
+            if record.get("event") == "log":
+                for key in _STEP_SCALARS:
+                    if key in record:
+                        self.writer.add_scalar(f"train/{key}", record[key], record["step"])
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"epoch/{key}", value, epoch)
+        if grid is not None:
+            self.writer.add_image("val/predictions", grid, epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def given_settings(argv: list[str]) -> set[str]:
+    """Lower-case names of the settings this command line sets, by flag or in its --config file."""
+    args, _ = build_parser().parse_known_args(argv)
+    given = {name.lower() for name in vars(args) if name != "config"}
+    if getattr(args, "config", None):  # load_config has already checked that the file is a mapping
+        given |= {str(key) for key in yaml.safe_load(Path(args.config).read_text()) or {}}
+    return given
+
+
+def inference_config(cfg: Config, argv: list[str] | None) -> tuple[Config, dict[str, Any]]:
+    """(config, checkpoint) for --eval-only / --predict: the checkpoint's training settings, except those
+    this command line gives and the command's own (device, output); checked against the checkpoint."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    saved = load_checkpoint(cfg.checkpoint)["config"]
+    keep = given_settings(argv) | _INVOCATION_KEYS
+    values = cfg.to_dict()
+    values.update({k: v for k, v in saved.items() if k in values and k not in keep})
+    merged = Config(**values)
+    validate(merged)
+    return merged, load_checkpoint(cfg.checkpoint, merged)  # names any architecture setting given differently
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)  # JSON has no NaN
+
+
+def write_confusion_csv(path: Path, cm: np.ndarray, names: list[str]) -> None:
+    """Rows = true class, columns = predicted class, with the class names as headers."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["true \\ predicted", *names])
+        writer.writerows([name, *map(int, counts)] for name, counts in zip(names, cm))
+
+
+def evaluate_checkpoint(cfg: Config, argv: list[str] | None) -> int:
+    """--eval-only: val metrics and per-class tables of --checkpoint; eval.json and confusion CSVs to --out."""
+    cfg, payload = inference_config(cfg, argv)
+    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent
+    out.mkdir(parents=True, exist_ok=True)
+    run = build_run(cfg, out)
+    run.model.load_state_dict(payload["model"])
+    val = evaluate(run.model, run.val_loader, run.loss_fn, cfg, run.device, run.autocast)
+    names = class_names(cfg)
+    log.info("%s\n%s", format_table("segmentation (val)", val["seg_cm"], names["seg"], "IoU"),
+             format_table("classification (val)", val["cls_cm"], names["cls"], "F1"))
+    metrics = {k: _finite_or_none(float(v)) for k, v in val.items() if not k.endswith("_cm")}
+    per_class = {}
+    for head, cm in (("seg", val["seg_cm"]), ("cls", val["cls_cm"])):
+        scores = per_class_scores(cm)
+        per_class[head] = {name: {key: int(scores[key][i]) if key == "support" else _finite_or_none(scores[key][i])
+                                  for key in scores} for i, name in enumerate(names[head])}
+        write_confusion_csv(out / f"confusion_{head}.csv", cm, names[head])
+    report = {"checkpoint": str(cfg.checkpoint), "epoch": payload["state"]["epoch"],
+              "step": payload["state"]["step"], "metrics": metrics, "per_class": per_class}
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    log.info("val loss %.4f  mIoU %.4f  pixel acc %.4f  cls acc %.4f  F1 %.4f  (checkpoint %s, epoch %d); "
+             "wrote eval.json, confusion_seg.csv, confusion_cls.csv to %s", val["val_loss"], val["val_miou"],
+             val["val_pixel_acc"], val["val_cls_acc"], val["val_cls_f1"], cfg.checkpoint, report["epoch"], out)
+    return 0
+
+
+def list_images(path: Path) -> list[Path]:
+    """PATH itself, or the image files (by extension) directly inside the folder PATH, sorted."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"predict: {path} does not exist; give an image file or a folder of images")
+    suffixes = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+    if not files:
+        raise DataError(f"predict: no image files in {path} (looked for .jpg, .png, .bmp, .webp, ...)")
+    stems: dict[str, Path] = {}
+    for file in files:
+        if file.stem in stems:
+            raise DataError(f"predict: {stems[file.stem].name} and {file.name} would both write masks/"
+                            f"{file.stem}.png; rename one or predict them separately")
+        stems[file.stem] = file
+    return files
+
+
+def read_image(path: Path) -> torch.Tensor | None:
+    """uint8 RGB [3, H, W], or None (logged with the file name) if the file is not a readable image."""
+    try:
+        with Image.open(path) as image:
+            return pil_to_tensor(image.convert("RGB"))  # convert() decodes: a truncated file fails here
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        log.error("cannot read %s (%s: %s); skipped", path, type(err).__name__, err)
+        return None
+
+
+@torch.no_grad()
+def predict_image(model: nn.Module, transform: v2.Transform, image: torch.Tensor,
+                  device: torch.device) -> tuple[torch.Tensor, int, float]:
+    """Class-index mask [H, W] at the image's own size, predicted class and its softmax probability."""
+    x = transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)[None].to(device)  # [1, 3, S, S]
+    seg_logits, cls_logits = model(x)
+    # The model saw the image at the training size, as in validation. Back at the original size the
+    # logits are interpolated (bilinear) and then argmax'ed, as torchvision's segmentation models do:
+    # smoother edges than nearest on the argmax, and no invented class (interpolating indices would).
+    seg_logits = F.interpolate(seg_logits.float(), size=tuple(image.shape[-2:]), mode="bilinear",
+                               align_corners=False)
+    probs = cls_logits.float().softmax(1)[0]  # [C]
+    return seg_logits.argmax(1)[0].cpu(), int(probs.argmax()), float(probs.max())
+
+
+def predict_images(cfg: Config, argv: list[str] | None) -> int:
+    """--predict: masks, overlays and predictions.csv for an image or a folder; 2 if any image failed."""
+    cfg, payload = inference_config(cfg, argv)
+    files = list_images(Path(cfg.predict))
+    device = resolve_device(cfg.device)
+    model = build_model(cfg).to(device)
+    model.load_state_dict(payload["model"])
+    model.eval()
+    norm, names = payload["normalization"], payload["class_names"]
+    transform = v2.Compose([v2.Resize((cfg.image_size, cfg.image_size), antialias=True),
+                            v2.ToDtype(torch.float32, scale=True), v2.Normalize(norm["mean"], norm["std"])])
+    palette = seg_palette(len(names["seg"]))
+    out = Path(cfg.out)
+    rows, failed = [], []
+    for file in tqdm(files, desc="predict", leave=False, disable=None, file=sys.stderr):
+        image = read_image(file)
+        if image is None:
+            failed.append(file.name)
+            continue
+        mask, label, confidence = predict_image(model, transform, image, device)
+        dtype = np.uint8 if len(names["seg"]) <= 256 else np.uint16
+        save_png(Image.fromarray(mask.numpy().astype(dtype)), out / "masks" / f"{file.stem}.png")
+        save_png(overlay_mask(image, mask, palette), out / "overlays" / f"{file.stem}.png")
+        rows.append({"file": str(file), "label": label, "class_name": names["cls"][label],
+                     "confidence": f"{confidence:.6f}"})
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["file", "label", "class_name", "confidence"])
+        writer.writeheader()
+        writer.writerows(rows)
+    log.info("predicted %d of %d images with %s: masks/, overlays/ and predictions.csv in %s",
+             len(rows), len(files), cfg.checkpoint, out)
+    if failed:
+        log.error("%d image(s) could not be read and were skipped: %s", len(failed), ", ".join(failed))
+        return 2
+    return 0
 
 
 # ---- main ----
@@ -1286,9 +1641,8 @@ def install_stop_handlers(run: Run) -> dict[int, Any]:
     return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
 
-def _start(argv: list[str] | None) -> tuple[Run, list[logging.Handler]]:
-    """Config, run folder, logging and the Run, resumed if asked."""
-    cfg = load_config(argv, prog="train_enhanced_adaptivestream.py")
+def _start(cfg: Config) -> tuple[Run, list[logging.Handler]]:
+    """Run folder, logging and the Run, resumed if asked."""
     world_size, is_main = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")) == 0
     if world_size > 1 and not cfg.out_dir:
         raise ConfigError("out_dir: under torchrun pass --out-dir, so that every rank uses the same run folder")
@@ -1325,7 +1679,11 @@ def main(argv: list[str] | None = None) -> int:
     handlers: list[logging.Handler] = []
     previous_handlers: dict[int, Any] = {}
     try:
-        run, handlers = _start(argv)
+        cfg = load_config(argv, prog="train_enhanced_adaptivestream.py")
+        if cfg.eval_only or cfg.predict:  # no run folder, no training
+            handlers = setup_logging(None)
+            return (evaluate_checkpoint if cfg.eval_only else predict_images)(cfg, argv)
+        run, handlers = _start(cfg)
         previous_handlers = install_stop_handlers(run)
         result = fit(run)
         state = run.state
