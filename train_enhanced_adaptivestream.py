@@ -327,7 +327,7 @@ class FolderDataset(FileDataset):
     def __init__(self, records: list[FolderRecord], cfg: Config, split: str, transform: v2.Transform | None):
         self.records, self.mask_scale = records, cfg.mask_scale
         self.colors = color_codes(cfg)
-        self.label_source = f"label_regex {cfg.label_regex!r}" if cfg.label_regex else "labels.csv"
+        self.label_source = f"label_regex '{cfg.label_regex}'" if cfg.label_regex else "labels.csv"
         super().__init__(split, transform, _mask_dtype(cfg))
         self.split_names = [r.image.name for r in records]
 
@@ -410,7 +410,7 @@ def list_folder(cfg: Config) -> list[FolderRecord]:
         if cfg.label_regex is not None:
             match = re.search(cfg.label_regex, path.name)
             text = match.group(1) if match else None
-            where = f"the file name does not match label_regex {cfg.label_regex!r}"
+            where = f"the file name does not match label_regex '{cfg.label_regex}'"
         else:
             text = table.get(path.name, table.get(path.stem))
             where = f"not listed in {labels_csv}"

@@ -295,7 +295,7 @@ def test_main_trains_on_a_utkface_folder_skipping_and_recording_a_bad_file(utk, 
                          "--seg-class-weights", "auto", "--seg-class-names", "background,face"]
     assert T.main(argv) == 0
     assert (run / "bad_samples.txt").read_text() == f"{bad}: no label (the file name does not match label_regex " \
-                                                    f"{UTK_REGEX!r})\n"
+                                                    f"'{UTK_REGEX}')\n"
     log_text = (run / "train.log").read_text()
     assert "dropped 1 bad sample(s)" in log_text and str(bad) in log_text
     split = [(run / "splits" / f"{s}.txt").read_text().split() for s in ("train", "val")]
