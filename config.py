@@ -29,8 +29,16 @@ DATA_ROOT: str | None = None  # dataset folder (folder, oxford_pet); unused by s
 IMAGE_SIZE: int = 224  # side of the square training crop, pixels
 NUM_SEG_CLASSES: int = 4  # segmentation classes, background included
 NUM_CLS_CLASSES: int = 3  # image-level classes
-SEG_CLASS_NAMES: list[str] | None = None  # names for the per-class table (default: seg0, seg1, ...)
-CLS_CLASS_NAMES: list[str] | None = None  # names for the per-class table (default: cls0, cls1, ...)
+SEG_CLASS_NAMES: list[str] | None = None  # names for the per-class table (default: seg0, seg1, ...; oxford_pet: background, pet)
+CLS_CLASS_NAMES: list[str] | None = None  # names for the per-class table (default: cls0, cls1, ...; oxford_pet: breeds); labels.csv may use them
+MASK_SUFFIX: str = ""  # folder: the mask of images/<stem>.jpg is masks/<stem><MASK_SUFFIX>.png (UTKFace-style: _mask)
+MASK_SCALE: int = 1  # folder: mask values are divided by this (255 reads 0/255 masks as classes 0/1)
+COLOR_MAP: dict[str, int | str] | None = None  # folder, RGB masks: colour -> class, e.g. {"0,0,0": 0, "#ff0000": 1} (YAML)
+LABEL_REGEX: str | None = None  # folder: image labels from this regex on the file name (first group) instead of labels.csv
+VAL_FRACTION: float = 0.2  # folder without splits/*.txt: share of images for validation, chosen by file-name hash
+SKIP_BAD_SAMPLES: bool = False  # drop the bad samples found at start-up (listed in the run folder) instead of stopping
+PET_TARGET: str = "breed"  # oxford_pet image label: breed (37 classes) | species (2: cat, dog)
+DOWNLOAD: bool = False  # oxford_pet: let torchvision download the dataset into DATA_ROOT (needs internet)
 SYNTHETIC_TRAIN_SIZE: int = 768  # synthetic training images (generated once, deterministic from SEED)
 SYNTHETIC_VAL_SIZE: int = 192  # synthetic validation images
 NUM_WORKERS: int = 0  # DataLoader worker processes (0 = load in the training process)
@@ -46,8 +54,8 @@ DECODER_CHANNELS: int = 16  # channels of the last (full-resolution) decoder sta
 SEG_WEIGHT: float = 1.0  # weight of the segmentation cross-entropy
 CLS_WEIGHT: float = 0.5  # weight of the classification cross-entropy
 IGNORE_INDEX: int = 255  # mask value that is not scored
-SEG_CLASS_WEIGHTS: list[float] | None = None  # per-class weights of the segmentation loss
-CLS_CLASS_WEIGHTS: list[float] | None = None  # per-class weights of the classification loss
+SEG_CLASS_WEIGHTS: list[float] | str | None = None  # per-class weights of the segmentation loss; auto = inverse pixel frequency (training split)
+CLS_CLASS_WEIGHTS: list[float] | str | None = None  # per-class weights of the classification loss; auto = inverse label frequency (training split)
 LABEL_SMOOTHING: float = 0.0  # label smoothing of both cross-entropies
 LOGIT_BOUND: float = 15.0  # logits pass through c*x/(c+|x|) in the loss: bounded, gradient never 0
 
@@ -102,19 +110,20 @@ BN_RECALIBRATE: int = 0  # before each evaluation, re-estimate BatchNorm statist
 
 _CHOICES = {
     "DATASET": ("synthetic", "folder", "oxford_pet"),
+    "PET_TARGET": ("breed", "species"),
     "BACKBONE": ("adaptivestream", "resnet18", "resnet34", "resnet50", "mobilenet_v3_large"),
     "OPTIMIZER": ("adamw", "sgd"),
     "LR_DECAY": ("cosine", "exponential", "constant"),
     "AMP": ("off", "bf16", "fp16"),
 }
-_POSITIVE = {"IMAGE_SIZE", "NUM_SEG_CLASSES", "NUM_CLS_CLASSES", "SYNTHETIC_TRAIN_SIZE", "SYNTHETIC_VAL_SIZE",
+_POSITIVE = {"IMAGE_SIZE", "MASK_SCALE", "VAL_FRACTION", "NUM_SEG_CLASSES", "NUM_CLS_CLASSES", "SYNTHETIC_TRAIN_SIZE", "SYNTHETIC_VAL_SIZE",
              "WIDTH", "STREAM_CHANNELS", "DECODER_CHANNELS", "EPOCHS", "BATCH_SIZE", "BASE_LR", "MIN_LR",
              "MAX_CONSECUTIVE_SKIPS", "SNAPSHOT_EVERY", "LR_BACKOFF", "VIS_SAMPLES",
              "MAX_GRAD_NORM", "SKIP_GRAD_NORM", "LR_GAMMA", "LOGIT_BOUND", "SPIKE_WINDOW", "LOG_INTERVAL"}
 _NON_NEGATIVE = {"NUM_WORKERS", "SEG_WEIGHT", "CLS_WEIGHT", "WEIGHT_DECAY", "MOMENTUM", "WARMUP_EPOCHS",
                  "GRAD_SPIKE_FACTOR", "LOSS_SPIKE_FACTOR", "SPIKE_WARMUP", "PATIENCE", "SEED", "LABEL_SMOOTHING",
                  "BN_RECALIBRATE", "MAX_ROLLBACKS", "BAD_BATCH_LIMIT", "CHECKPOINT_EVERY", "VIS_EVERY"}
-_FRACTIONS = {"MAX_SKIP_FRACTION", "LABEL_SMOOTHING", "LR_GAMMA", "LR_BACKOFF"}
+_FRACTIONS = {"VAL_FRACTION", "MAX_SKIP_FRACTION", "LABEL_SMOOTHING", "LR_GAMMA", "LR_BACKOFF"}
 
 
 class ConfigError(ValueError):
@@ -202,6 +211,63 @@ def _coerce(key: str, value: Any, hint: Any, from_cli: bool) -> Any:
     return float(value) if hint is float else value
 
 
+def parse_color(text: str) -> tuple[int, int, int]:
+    """'R,G,B' or '#rrggbb' -> (r, g, b); ValueError otherwise."""
+    text = str(text).strip()
+    if text.startswith("#") and len(text) == 7:
+        return tuple(int(text[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) != 3 or not all(0 <= p <= 255 for p in parts):
+        raise ValueError(text)
+    return tuple(parts)  # type: ignore[return-value]
+
+
+def color_map_table(cfg: Config) -> dict[tuple[int, int, int], int]:
+    """cfg.color_map as (r, g, b) -> class index; raise ConfigError naming the bad entry."""
+    names = cfg.seg_class_names or []
+    table = {}
+    for key, value in (cfg.color_map or {}).items():
+        try:
+            color = parse_color(key)
+        except ValueError:
+            raise ConfigError(f"color_map: key {key!r} is not a colour; write 'R,G,B' (0-255) or '#rrggbb'") from None
+        if isinstance(value, str) and value in names:
+            value = names.index(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not (
+                0 <= value < cfg.num_seg_classes or value == cfg.ignore_index):
+            raise ConfigError(f"color_map: {key!r} maps to {value!r}, which is not a class index in "
+                              f"[0, {cfg.num_seg_classes}), ignore_index {cfg.ignore_index} or a seg_class_names entry")
+        if color in table:
+            raise ConfigError(f"color_map: colour {color} is listed twice")
+        table[color] = value
+    return table
+
+
+def _validate_data(cfg: Config) -> None:
+    """Cross-field checks of the Data settings."""
+    for key in ("seg_class_weights", "cls_class_weights"):
+        if isinstance(getattr(cfg, key), str) and getattr(cfg, key) != "auto":
+            raise ConfigError(f"{key}: {getattr(cfg, key)!r} is neither 'auto' nor a list of numbers")
+    if cfg.val_fraction >= 1:
+        raise ConfigError(f"val_fraction: must be < 1 (some images must stay for training), got {cfg.val_fraction}")
+    if cfg.label_regex is not None:
+        try:
+            groups = re.compile(cfg.label_regex).groups
+        except re.error as err:
+            raise ConfigError(f"label_regex: {cfg.label_regex!r} is not a valid regular expression ({err})") from None
+        if groups < 1:
+            raise ConfigError(f"label_regex: {cfg.label_regex!r} has no (group); the first group is the label")
+    color_map_table(cfg)
+    if cfg.dataset == "oxford_pet":
+        classes = 37 if cfg.pet_target == "breed" else 2
+        if cfg.num_seg_classes != 2:
+            raise ConfigError(f"num_seg_classes: oxford_pet masks have 2 classes (background, pet), got "
+                              f"{cfg.num_seg_classes}: pass --num-seg-classes 2")
+        if cfg.num_cls_classes != classes:
+            raise ConfigError(f"num_cls_classes: oxford_pet with pet_target {cfg.pet_target} has {classes} classes, "
+                              f"got {cfg.num_cls_classes}: pass --num-cls-classes {classes}")
+
+
 def validate(cfg: Config) -> None:
     """Range and cross-field checks; raise ConfigError naming the key."""
     values = {k.upper(): v for k, v in cfg.to_dict().items()}
@@ -237,6 +303,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data_root: dataset {cfg.dataset!r} needs --data-root PATH")
     if cfg.amp == "fp16" and not str(cfg.device).startswith(("cuda", "auto")):
         raise ConfigError("amp: fp16 needs a CUDA device; use --amp bf16 or --amp off on CPU")
+    _validate_data(cfg)
     _validate_modes(cfg)
 
 
