@@ -1,6 +1,6 @@
 """Diagnose a training setup: config, data, model, loss, gradients, schedule, NaN sources, run folder, checkpoint.
 
-    python diagnose_training.py --quick                                   # the default config, ~10-40 s on a CPU
+    python diagnose_training.py --quick                                   # the default config, < 1 min on 2 CPU cores
     python diagnose_training.py --config my.yaml                          # same flags as training (+ overfit test)
     python diagnose_training.py --run runs/a --checkpoint runs/a/last.pt  # uses runs/a/config.yaml unless --config
     python diagnose_training.py --batch runs/a/bad_batches/step_123.pt    # replay a batch the guard skipped
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import itertools
 import json
 import math
 import sys
@@ -48,7 +49,7 @@ QUICK_SCAN_SAMPLES = 64  # samples per split that --quick decodes and checks (fu
 JPEG_EXTRA_VALUES = 8  # more distinct mask values than classes + this: JPEG artefacts or bilinear resizing
 IGNORE_MAX_FRACTION = 0.5  # more mask pixels equal to ignore_index -> WARN
 DOMINANT_CLASS_FRACTION = 0.95  # one class holding more of the pixels / labels -> WARN
-IMAGE_MEAN_MAX_ABS = 1.5  # per-channel batch mean of normalised images beyond this -> WARN (ImageNet-normalised pixels span [-2.1, 2.6])
+IMAGE_MEAN_MAX_ABS = 1.5  # per-channel batch mean beyond this -> WARN (ImageNet-normalised pixels span [-2.1, 2.6])
 IMAGE_STD_RANGE = (0.3, 3.0)  # per-channel std of normalised images outside this -> WARN
 IMAGE_RAW_LIMIT = 20.0  # |mean| or std beyond this: images were not normalised at all (0-255) -> FAIL
 INIT_LOSS_TOLERANCE = 0.25  # each head's loss at init within +-25% of ln(C)
@@ -67,6 +68,8 @@ INPUT_DEPENDENCE_MIN_RATIO = 2.0  # after overfitting, loss(zeroed inputs) / los
 BN_LOSS_RATIO_MAX = 1.5  # eval-mode loss above this x batch-statistics loss (+ slack) -> FAIL
 BN_LOSS_SLACK = 0.05  # absolute slack, so two tiny losses do not fail on their ratio alone
 BN_ACC_DROP_MAX = 0.3  # eval-mode accuracy (cls or pixel) lower than batch-statistics accuracy by more -> FAIL
+BN_DISTANCE_WARN = 3.0  # running mean/var this far from batch statistics (running stds + |log var ratio|) -> WARN
+BN_CHECK_BATCHES = 4  # training batches the BatchNorm check compares eval and batch-statistics predictions on
 BN_RECALIBRATE_BATCHES = 8  # batches the BN fix is tried with (the training flag --bn-recalibrate N)
 RUN_SKIP_WARN_FRACTION = 0.0  # any skipped step in an epoch -> WARN
 RUN_SKIP_FAIL_FRACTION = 0.25  # above this (or the run's lower max_skip_fraction) -> FAIL, even if the run went on
@@ -76,7 +79,7 @@ NAMES_SHOWN = 5  # names listed per line (the JSON has them all)
 # Causes of the ranked summary, upstream first: a cause explains the failures of the ones after it.
 CAUSES = {
     "data": "the data: files, masks, labels or normalisation are not what the model and loss expect",
-    "config": "the configuration",
+    "config": "the configuration: a setting that does not fit this model or data",
     "architecture": "the model's architecture: output shapes or unused parameters",
     "weights": "the weights: non-finite or incompatible with the config",
     "init": "the initialisation or the loss at step 0",
@@ -129,7 +132,8 @@ def ranked_causes(checks: list[Check]) -> list[dict[str, Any]]:
     for check in checks:
         if check.status in ("WARN", "FAIL"):
             grouped.setdefault(check.cause or "run", []).append(check)
-    ranked = sorted(grouped.items(), key=lambda item: (all(c.status == "WARN" for c in item[1]), order.index(item[0])))
+    ranked = sorted(grouped.items(),
+                    key=lambda item: (all(c.status == "WARN" for c in item[1]), order.index(item[0])))
     return [{"cause": cause, "description": CAUSES[cause],
              "status": "FAIL" if any(c.status == "FAIL" for c in found) else "WARN",
              "checks": [c.name for c in found],
@@ -193,7 +197,8 @@ def check_config(cfg: Config, train_size: int | None, steps_per_epoch: int | Non
     """LR range, MIN_LR > 0, warm-up shorter than the run, batch size against the dataset size."""
     low, high = LR_RANGE[cfg.optimizer]
     checks = [
-        judge("config.base_lr", low <= cfg.base_lr <= high, f"{cfg.base_lr:g} ({cfg.optimizer})", f"in [{low:g}, {high:g}]",
+        judge("config.base_lr", low <= cfg.base_lr <= high, f"{cfg.base_lr:g} ({cfg.optimizer})",
+              f"in [{low:g}, {high:g}]",
               f"--base-lr {min(max(cfg.base_lr, low), high):g} is a usual start for {cfg.optimizer}; "
               f"confirm with update.ratio", "lr", warn=True),
         judge("config.min_lr", cfg.min_lr >= LR_ZERO, f"{cfg.min_lr:g}", f">= {LR_ZERO:g}",
@@ -266,7 +271,7 @@ def judge_mask_values(name: str, values: Counter, cfg: Config, float_masks: int 
     ignored = values.get(ignore, 0) / total
     foreground = sum(n for v, n in values.items() if v != ignore and 0 < v < classes)
     # ignore_index 255 turns binary masks saved as 0/255 into "every object pixel is ignored": no error, no learning
-    masked_0_255 = set(values) <= {0, 255} and 255 in values and (bad or foreground == 0)
+    masked_0_255 = set(values) <= {0, 255} and 255 in values and (bool(bad) or foreground == 0)
     value = f"{len(values)} distinct {show_values(values)}, {ignored:.0%} = ignore_index {ignore}"
     if float_masks:
         value += f", {float_masks} float masks"
@@ -278,8 +283,8 @@ def judge_mask_values(name: str, values: Counter, cfg: Config, float_masks: int 
         fix = (f"{len(values)} distinct values for {classes} classes: JPEG artefacts or a bilinear resize. "
                "Save masks as PNG and resize them with nearest-neighbour interpolation")
     elif bad:
-        fix = (f"values {show_values(bad)} are outside [0, {classes}): raise --num-seg-classes to {int(max(bad)) + 1} "
-               f"or remap them (or set --ignore-index to the 'unlabelled' value)")
+        fix = (f"values {show_values(bad)} are outside [0, {classes}): raise --num-seg-classes to "
+               f"{int(max(bad)) + 1} or remap them (or set --ignore-index to the 'unlabelled' value)")
     else:
         fix = (f"{ignored:.0%} of pixels are ignore_index {ignore} and never scored: check the mask encoding")
     hard = bool(bad) or masked_0_255 or float_masks > 0
@@ -311,8 +316,9 @@ def check_data(splits: dict[str, Dataset], cfg: Config, limit: int | None) -> li
                     details={"errors": errors})]
     shapes = [f"{split}/{b}" for split, s in scans.items() for b in s.bad_shapes]
     checks.append(judge("data.pairing", not shapes, f"{len(shapes)} samples with image/mask size mismatch",
-                        "image [3, H, W], mask [H, W]", f"resize mask and image together (v2 joint transforms): "
-                        f"{show(shapes)}", "data", details={"mismatches": shapes}))
+                        "image [3, H, W], mask [H, W]", f"resize mask and image together (v2 joint transforms); "
+                        f"a mask with 3 channels is an RGB mask: map colours to class indices: {show(shapes)}",
+                        "data", details={"mismatches": shapes}))
     values = sum((s.mask_values for s in scans.values()), Counter())
     checks.append(judge_mask_values("data.mask_values", values, cfg, sum(s.float_masks for s in scans.values())))
     labels = sum((s.labels for s in scans.values()), Counter())
@@ -333,16 +339,17 @@ def check_batch(batch: dict[str, Any], cfg: Config, prefix: str = "batch") -> li
     """The batch the model actually receives: mask dtype and values, labels, finiteness, normalisation."""
     images, masks = batch["image"], torch.as_tensor(batch["mask"])
     labels = torch.as_tensor(batch["label"])
-    checks = [judge(f"{prefix}.mask_dtype", not masks.is_floating_point() and masks.dtype != torch.bool, str(masks.dtype),
-                    "an integer dtype", "masks must be class indices (integers): a float mask was interpolated "
-                    "or scaled by ToDtype(scale=True); wrap it in tv_tensors.Mask", "data")]
+    integer = not masks.is_floating_point() and masks.dtype != torch.bool
+    checks = [judge(f"{prefix}.mask_dtype", integer, str(masks.dtype), "an integer dtype",
+                    "masks must be class indices (integers): a float mask was interpolated or scaled by "
+                    "ToDtype(scale=True); wrap it in tv_tensors.Mask", "data")]
     shape_ok = images.dim() == 4 and masks.dim() == 3 and tuple(masks.shape) == (images.shape[0], *images.shape[2:])
     checks.append(judge(f"{prefix}.shapes", shape_ok, f"images {tuple(images.shape)}, masks {tuple(masks.shape)}",
                         "masks [B, H, W] of images [B, 3, H, W]", "a mask with a channel axis is an RGB or "
                         "[1, H, W] mask: squeeze it or map colours to class indices", "data"))
     values, counts = torch.unique(masks, return_counts=True)
-    checks.append(judge_mask_values(f"{prefix}.mask_values", Counter(dict(zip(values.tolist(), counts.tolist()))), cfg,
-                                    int(masks.is_floating_point())))
+    found = Counter(dict(zip(values.tolist(), counts.tolist())))
+    checks.append(judge_mask_values(f"{prefix}.mask_values", found, cfg, int(masks.is_floating_point())))
     bad = sorted(set(labels.tolist()) - set(range(cfg.num_cls_classes)))
     checks.append(judge(f"{prefix}.label_range", not bad, f"labels {show_values(set(labels.tolist()))}",
                         f"in [0, {cfg.num_cls_classes})", f"labels {bad} are out of range: fix the label source "
@@ -388,8 +395,9 @@ def check_model(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, cfg
                     "build the heads from num_seg_classes / num_cls_classes", "architecture")]
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    checks.append(judge("model.params", trainable > 0, f"{total / 1e6:.3f}M parameters, {trainable / 1e6:.3f}M trainable",
-                        "> 0 trainable", "every parameter is frozen: set requires_grad=True", "architecture"))
+    checks.append(judge("model.params", trainable > 0, f"{total / 1e6:.3f}M parameters, "
+                        f"{trainable / 1e6:.3f}M trainable", "> 0 trainable",
+                        "every parameter is frozen: set requires_grad=True", "architecture"))
     bad = T.nonfinite_tensors(model.state_dict())
     checks.append(judge("model.finite", not bad, f"{len(bad)} non-finite tensors {show(bad)}".strip(), "0",
                         "the weights hold NaN/Inf: re-initialise or load a finite checkpoint", "weights"))
@@ -436,28 +444,33 @@ def check_gradients(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
     per_layer = {n: v for (n, _), v in zip(flowing, norms)}
     nonfinite = [n for n, v in per_layer.items() if not math.isfinite(v)]
     finite = {n: v for n, v in per_layer.items() if math.isfinite(v)}
-    total = math.sqrt(sum(v * v for v in finite.values())) if not nonfinite else math.inf
+    total = math.sqrt(sum(v * v for v in finite.values()))
     largest = max(finite.values(), default=0.0)
     vanishing = [n for n, v in finite.items() if v < GRAD_VANISH_RATIO * largest]
     exploding = [f"{n} ({v:.3g})" for n, v in finite.items() if v > GRAD_EXPLODE_NORM]
     top = sorted(finite.items(), key=lambda kv: -kv[1])[:3]
+    huge = total > GRAD_EXPLODE_NORM
+    norm = skip("grad.norm", "non-finite gradients (grad.finite)") if nonfinite else judge(
+        "grad.norm", total <= cfg.skip_grad_norm, f"total {total:.4g}; largest "
+        + ", ".join(f"{n} {v:.3g}" for n, v in top), f"<= skip_grad_norm {cfg.skip_grad_norm:g}",
+        "the guard skips every step like this one: the norm of an untrained model is huge, so fix the loss "
+        "scale or init (see grad.exploding)" if huge else f"the guard skips every step like this ordinary one: "
+        f"raise --skip-grad-norm to about {10 * total:.3g} (10x the initial norm)",
+        "gradients" if huge else "config", details={"per_layer": per_layer})
     return [
         judge("grad.flow", not missing, f"{len(flowing)} of {len(named)} trainable tensors get a gradient",
               "all", f"no gradient reaches {show(missing)}: unused in forward (remove, or freeze with "
               f"requires_grad=False) or cut by .detach()/no_grad", "architecture", details={"none": missing}),
         judge("grad.finite", not nonfinite, f"{len(nonfinite)} non-finite {show(nonfinite)}".strip(), "0",
               "see nan.backward for the module that produces them", "numerics"),
-        judge("grad.norm", total <= cfg.skip_grad_norm, f"total {total:.4g}; largest "
-              + ", ".join(f"{n} {v:.3g}" for n, v in top), f"<= skip_grad_norm {cfg.skip_grad_norm:g}",
-              "the guard would skip this step: lower --base-lr is no help here; fix the loss scale or init, "
-              "or raise --skip-grad-norm if such norms are expected", "gradients", details={"per_layer": per_layer}),
+        norm,
         judge("grad.vanishing", not vanishing, f"{len(vanishing)} layers below {GRAD_VANISH_RATIO:g} x largest "
               f"{show(vanishing)}".strip(), f"norm >= {GRAD_VANISH_RATIO:g} x largest",
               "these layers barely learn: check saturating activations, BatchNorm placement, or a detach()",
               "gradients", warn=True),
-        judge("grad.exploding", not exploding, f"{len(exploding)} layers above {GRAD_EXPLODE_NORM:g} {show(exploding)}"
-              .strip(), f"norm <= {GRAD_EXPLODE_NORM:g}", "scale these layers' init down or add normalisation; "
-              "the guard skips steps whose total norm exceeds skip_grad_norm", "gradients"),
+        judge("grad.exploding", not exploding, f"{len(exploding)} layers above {GRAD_EXPLODE_NORM:g} "
+              f"{show(exploding)}".strip(), f"norm <= {GRAD_EXPLODE_NORM:g}", "scale these layers' init down or "
+              "add normalisation; the guard skips steps whose total norm exceeds skip_grad_norm", "gradients"),
     ]
 
 
@@ -482,9 +495,8 @@ def check_update_ratio(model: nn.Module, images: torch.Tensor, masks: torch.Tens
     ratios = [(p.detach() - b).norm() / b.norm() for (_, p), b in zip(weights, before)]
     values = torch.stack([stats[4], *ratios]).tolist()  # the one host sync
     reason = int(values[0])
-    if reason:
-        return [judge("update.ratio", False, f"the guard skipped the step: {T.SKIP_REASONS[reason]}",
-                      "the step is applied", "see grad.norm / nan.forward", "gradients")]
+    if reason:  # nothing to measure; grad.norm or nan.* report why
+        return [skip("update.ratio", f"the guard skipped the step ({T.SKIP_REASONS[reason]}): see grad.norm, nan.*")]
     ratio = {n: v for (n, _), v in zip(weights, values[1:]) if math.isfinite(v)}  # zero-init weights: no ratio
     low, high = UPDATE_RATIO_RANGE
     small = [f"{n} ({v:.1e})" for n, v in ratio.items() if v < low]
@@ -524,10 +536,14 @@ def check_lr_schedule(cfg: Config, steps_per_epoch: int,
         value += f"; below min_lr from step {below[0]}"
     if zero.size:
         value += f"; ~0 (< {LR_ZERO:g}) from step {zero[0]}"
+    fix = ("the schedule has no floor: use the training script's WarmupLRScheduler (clamped to "
+           "[min_lr, base_lr]); a per-step exponential decay reaches ~0 long before the end")
+    if zero.size and not below.size and not above:
+        fix = (f"the LR is ~0 for the last {total - zero[0]} steps: raise --min-lr to ~{cfg.base_lr * 1e-3:g} "
+               f"or use a gentler decay (--lr-decay cosine, or a --lr-gamma nearer 1)")
     return [judge("lr.schedule", not below.size and not zero.size and not above, value,
-                  f"min_lr {cfg.min_lr:g} <= lr <= base_lr {cfg.base_lr:g} at every step",
-                  "the schedule has no floor: use the training script's WarmupLRScheduler (clamped to "
-                  "[min_lr, base_lr]); a per-step exponential decay reaches ~0 long before the end", "lr",
+                  f"min_lr {cfg.min_lr:g} <= lr <= base_lr {cfg.base_lr:g} at every step, lr >= {LR_ZERO:g}",
+                  fix, "lr",
                   details={"min": float(values.min()), "max": float(values.max()), "warmup_end": peak})]
 
 
@@ -555,7 +571,8 @@ def _finite_max(obj: Any, device: torch.device) -> torch.Tensor:
     tensors = [t.detach() for t in _tensors(obj) if t.is_floating_point() and t.numel()]
     if not tensors:
         return torch.zeros((), device=device)
-    return torch.stack([torch.where(torch.isfinite(t), t.abs(), 0).amax().float() for t in tensors]).amax().to(device)
+    maxima = [torch.where(torch.isfinite(t), t.abs(), 0).amax().float() for t in tensors]
+    return torch.stack(maxima).amax().to(device)
 
 
 @dataclass
@@ -569,7 +586,7 @@ class NonFiniteReport:
     grad_norm: float
     forward_producer: str | None  # first module (in completion order) with finite inputs and a non-finite output
     forward_nonfinite: bool  # some module output is non-finite
-    backward_producer: str | None  # first module (in backward order) with a finite grad_output and non-finite grad_input
+    backward_producer: str | None  # first module (backward order) with finite grad_output, non-finite grad_input
     backward_nonfinite: bool
     nonfinite_grads: list[str]
     fp16_overflow: list[str]  # modules whose finite |output| exceeds FP16_MAX
@@ -651,11 +668,11 @@ def check_nonfinite(report: NonFiniteReport, prefix: str, amp: str = "off") -> l
         where = (f"first non-finite output: {report.forward_producer} (its inputs are finite)"
                  if report.forward_producer else "the loss is non-finite on finite logits")
         ok = not report.forward_nonfinite and math.isfinite(report.loss)
+        keep = " or keep it in float32" if report.precision != "float32" else ""
         forward = judge(f"{tag}.forward", ok, f"all {report.modules} module outputs finite, loss {report.loss:.4g}"
                         if ok else where, "every module output finite",
                         f"{report.forward_producer or 'the loss'} turns finite inputs into NaN/Inf: guard its "
-                        f"log/sqrt/division/exp (clamp, add eps){' or keep it in float32' if report.precision != 'float32' else ''}",
-                        "numerics")
+                        f"log/sqrt/division/exp (clamp, add eps){keep}", "numerics")
     if forward.status != "PASS":
         backward = skip(f"{tag}.backward", "the forward pass is already non-finite")
     else:
@@ -667,16 +684,17 @@ def check_nonfinite(report: NonFiniteReport, prefix: str, amp: str = "off") -> l
                          f"{where}: its backward divides by ~0 (sqrt/log/pow at 0): add an eps", "numerics")
     checks = [forward, backward]
     if report.precision == "float32":
-        checks.append(judge(f"{prefix}.fp16_range", not report.fp16_overflow,
-                            f"{len(report.fp16_overflow)} modules exceed {FP16_MAX:g} {show(report.fp16_overflow)}".strip(),
+        over = report.fp16_overflow
+        checks.append(judge(f"{prefix}.fp16_range", not over,
+                            f"{len(over)} modules exceed {FP16_MAX:g} {show(over)}".strip(),
                             f"|activation| <= {FP16_MAX:g} (fp16 max)", "these activations overflow under --amp "
                             "fp16: use --amp bf16, or normalise/scale them down", "numerics", warn=amp != "fp16"))
     return checks
 
 
 # ---- 9-10. Overfit and input dependence ----
-def check_overfit(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
-                  loss_fn: nn.Module, cfg: Config, max_steps: int = OVERFIT_MAX_STEPS) -> tuple[list[Check], nn.Module]:
+def check_overfit(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module,
+                  cfg: Config, max_steps: int = OVERFIT_MAX_STEPS) -> tuple[list[Check], nn.Module]:
     """Memorise OVERFIT_SAMPLES samples with the real train_step (AdamW at OVERFIT_LR, the run's clipping and
     guard); the loss must drop by OVERFIT_MIN_DROP. Fails on a model, loss or target that cannot be fitted."""
     model = copy.deepcopy(model)
@@ -753,43 +771,54 @@ def _bn_distance(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> to
     return shift + ((var + module.eps) / running_var).log().abs().mean()
 
 
-def check_batchnorm(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
-                    loss_fn: nn.Module, cfg: Config, loader: Iterable[dict[str, Any]] | None = None) -> list[Check]:
-    """Same batch with BN on running statistics (eval) and on batch statistics: a large gap = stale/poisoned stats."""
+def check_batchnorm(model: nn.Module, batches: list[tuple[torch.Tensor, ...]], loss_fn: nn.Module, cfg: Config,
+                    loader: Iterable[dict[str, Any]] | None = None) -> list[Check]:
+    """Same batches with BN on running statistics (eval) and on batch statistics: a large gap = stale/poisoned stats.
+
+    batches: a few (images, masks, labels) training batches; several, so that accuracies are not a coin flip.
+    """
     probe = copy.deepcopy(model)
     norms = [(n, m) for n, m in probe.named_modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return [skip("bn.health", "no BatchNorm layers with running statistics")]
     probe.eval()
-    running = measure(probe, images, masks, labels, loss_fn, cfg)
-    distances: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: distances.__setitem__(n, _bn_distance(mod, args[0])))
+    running = torch.stack([measure(probe, *b, loss_fn, cfg) for b in batches]).mean(0)
+    distances: dict[str, list[torch.Tensor]] = {n: [] for n, _ in norms}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: distances[n].append(_bn_distance(mod, args[0])))
                for n, m in norms]
     for _, module in norms:
         module.train()  # batch statistics; dropout stays off, so only BatchNorm differs
-    batch = measure(probe, images, masks, labels, loss_fn, cfg)
+        module.momentum = 0.0  # and the running statistics stay as they are for the next batch's distance
+    batch = torch.stack([measure(probe, *b, loss_fn, cfg) for b in batches]).mean(0)
     for handle in handles:
         handle.remove()
-    values = torch.cat([running, batch, torch.stack(list(distances.values()))]).tolist()  # one host sync
+    mean_distance = torch.stack([torch.stack(d).mean() for d in distances.values()])
+    values = torch.cat([running, batch, mean_distance]).tolist()  # one host sync
     (seg_e, cls_e, pix_e, acc_e), (seg_b, cls_b, pix_b, acc_b) = values[:4], values[4:8]
-    furthest = sorted(zip(distances, values[8:]), key=lambda kv: -kv[1])[:3]
+    by_layer = dict(zip(distances, values[8:]))
+    furthest = sorted(by_layer.items(), key=lambda kv: -kv[1])[:3]
     ok = (seg_e <= BN_LOSS_RATIO_MAX * seg_b + BN_LOSS_SLACK and cls_e <= BN_LOSS_RATIO_MAX * cls_b + BN_LOSS_SLACK
           and pix_b - pix_e <= BN_ACC_DROP_MAX and acc_b - acc_e <= BN_ACC_DROP_MAX)
-    value = (f"eval vs batch stats: seg loss {seg_e:.3f}/{seg_b:.3f}, cls loss {cls_e:.3f}/{cls_b:.3f}, "
-             f"pixel acc {pix_e:.2f}/{pix_b:.2f}, cls acc {acc_e:.2f}/{acc_b:.2f}; furthest: "
-             + ", ".join(f"{n} ({d:.2f})" for n, d in furthest))
+    images = sum(len(b[0]) for b in batches)
+    value = (f"eval vs batch stats over {images} images: seg loss {seg_e:.3f}/{seg_b:.3f}, cls loss "
+             f"{cls_e:.3f}/{cls_b:.3f}, pixel acc {pix_e:.2f}/{pix_b:.2f}, cls acc {acc_e:.2f}/{acc_b:.2f}; "
+             f"furthest: " + ", ".join(f"{n} ({d:.2f})" for n, d in furthest))
     fix = (f"stale or poisoned running statistics: train with --bn-recalibrate {BN_RECALIBRATE_BATCHES} "
            f"(re-estimates them before each evaluation) or lower the BatchNorm momentum")
     if not ok and loader is not None:
         fixed = copy.deepcopy(model)
-        T.recalibrate_bn(fixed, loader, BN_RECALIBRATE_BATCHES, images.device)
-        after = measure(fixed.eval(), images, masks, labels, loss_fn, cfg).tolist()
+        T.recalibrate_bn(fixed, loader, BN_RECALIBRATE_BATCHES, batches[0][0].device)
+        after = torch.stack([measure(fixed.eval(), *b, loss_fn, cfg) for b in batches]).mean(0).tolist()
         fix += (f"; tried here: after recalibrating over {BN_RECALIBRATE_BATCHES} batches, eval seg/cls loss "
                 f"{after[0]:.3f}/{after[1]:.3f}, cls acc {after[3]:.2f}")
-    return [judge("bn.health", ok, value, f"eval loss <= {BN_LOSS_RATIO_MAX:g} x batch-stat loss + {BN_LOSS_SLACK:g}, "
-                  f"acc drop <= {BN_ACC_DROP_MAX:g}", fix, "batchnorm",
-                  details={"distances": dict(zip(distances, values[8:]))})]
+    far = furthest[0][1] > BN_DISTANCE_WARN
+    if ok and far:
+        fix = (f"{furthest[0][0]}'s running statistics are far from its batch statistics although predictions "
+               f"agree so far: re-estimate them (--bn-recalibrate {BN_RECALIBRATE_BATCHES})")
+    return [judge("bn.health", ok and not far, value, f"eval loss <= {BN_LOSS_RATIO_MAX:g} x batch-stat loss + "
+                  f"{BN_LOSS_SLACK:g}, acc drop <= {BN_ACC_DROP_MAX:g}, distance <= {BN_DISTANCE_WARN:g}", fix,
+                  "batchnorm", warn=ok, details={"distances": by_layer})]
 
 
 # ---- 12. Checkpoint ----
@@ -863,7 +892,8 @@ def read_run_folder(path: str | Path) -> RunRecord:
             reader = csv.DictReader(handle)
             missing = [c for c in METRICS_NEEDED if c not in (reader.fieldnames or [])]
             if missing:
-                raise UsageError(f"--run: {path / 'metrics.csv'} lacks columns {missing}: not a metrics file of this script")
+                raise UsageError(f"--run: {path / 'metrics.csv'} lacks columns {missing}: "
+                                 f"not a metrics file of this script")
             rows = list(reader)
     events = []
     if (path / "steps.jsonl").is_file():
@@ -889,7 +919,8 @@ SKIP_FIXES = {
     "gradient explosion": "pre-clip gradient norms above skip_grad_norm: lower --base-lr (see grad.norm, "
                           "update.ratio), or raise --skip-grad-norm if such norms are normal for this model",
     "gradient spike": "gradient spikes against the running median: lower --base-lr or raise --grad-spike-factor",
-    "loss spike": "loss spikes against the running median: check for bad samples (--batch) or raise --loss-spike-factor",
+    "loss spike": "loss spikes against the running median: look for bad samples (--batch) or raise "
+                  "--loss-spike-factor",
 }
 
 
@@ -1092,10 +1123,12 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     """Own flags first; everything else goes to load_config, so every training flag works."""
     options, rest = build_parser().parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    options.run_config = None
     if options.run and not any(a == "--config" or a.startswith("--config=") for a in rest):
         run_config = Path(options.run) / "config.yaml"
         if run_config.is_file():
             rest = ["--config", str(run_config), *rest]
+            options.run_config = str(run_config)
     try:
         cfg = load_config(rest, prog="diagnose_training.py")
     except ConfigError as err:
@@ -1185,8 +1218,8 @@ def diagnose_model(model: nn.Module, tensors: tuple[torch.Tensor, ...], cfg: Con
 
 
 def diagnose_learning(model: nn.Module, tensors: tuple[torch.Tensor, ...], cfg: Config,
-                      options: argparse.Namespace, out: Reporter) -> nn.Module | None:
-    """Checks 8-10 (NaN finder, overfit, input dependence); returns the overfitted model (None with --quick)."""
+                      options: argparse.Namespace, out: Reporter) -> None:
+    """Checks 8-10: NaN finder (float32, and the AMP dtype when asked), overfit, input dependence."""
     loss_fn = T.build_loss(cfg).to(tensors[0].device)
     out.add(check_nonfinite(find_nonfinite(model, *tensors, loss_fn), "nan", cfg.amp))
     amp = options.autocast or cfg.amp
@@ -1194,11 +1227,10 @@ def diagnose_learning(model: nn.Module, tensors: tuple[torch.Tensor, ...], cfg: 
         out.add(check_nonfinite(find_nonfinite(model, *tensors, loss_fn, AMP_DTYPES[amp]), "nan", amp))
     if options.quick:
         out.skip(("overfit", "input_dependence"), "--quick")
-        return None
+        return
     checks, trained = check_overfit(model, *tensors, loss_fn, cfg)
     out.add(checks)
     out.add(check_input_dependence(trained, *tensors, loss_fn))
-    return trained
 
 
 def diagnose(cfg: Config, options: argparse.Namespace, inputs: Inputs, out: Reporter) -> None:
@@ -1213,7 +1245,7 @@ def diagnose(cfg: Config, options: argparse.Namespace, inputs: Inputs, out: Repo
     if setup.error:
         out.add([judge("data.build", False, setup.error, "datasets, loader and one batch build",
                        "fix or remove the files named in the message", "data")])
-    model, ready, trained = T.build_model(cfg).to(device), False, None
+    model, ready = T.build_model(cfg).to(device), False
     if setup.batch is not None:
         out.add(check_batch(setup.batch, cfg))
         tensors = batch_tensors(setup.batch, cfg, device)
@@ -1223,23 +1255,24 @@ def diagnose(cfg: Config, options: argparse.Namespace, inputs: Inputs, out: Repo
     else:
         out.skip(("lr.schedule",), "steps per epoch unknown: no training loader (see data.build)")
     if ready:
-        trained = diagnose_learning(model, tensors, cfg, options, out)
+        diagnose_learning(model, tensors, cfg, options, out)
     else:
         out.skip(("nan", "overfit", "input_dependence"), "needs a working forward pass and loss")
-    bn_model, bn_source = trained, "the overfitted model"
+    # BatchNorm health needs the run's trained statistics: a fresh model has the init values (0, 1), and the
+    # overfit test's model (a fast memorisation recipe) has statistics that lag its weights by design.
+    usable = False
     if inputs.checkpoint is not None:
         checks, usable = check_checkpoint(inputs.checkpoint, options.checkpoint, cfg)
         out.add(checks)
-        bn_model, bn_source = None, "checkpoint not usable (see checkpoint.*)"
-        if usable:
-            bn_model = T.build_model(cfg).to(device)
-            bn_model.load_state_dict(inputs.checkpoint["model"])
-    if bn_model is not None and ready:
-        out.add(check_batchnorm(bn_model, *tensors, T.build_loss(cfg).to(device), cfg, setup.loader))
+    if usable and ready:
+        trained_model = T.build_model(cfg).to(device)
+        trained_model.load_state_dict(inputs.checkpoint["model"])
+        batches = [batch_tensors(b, cfg, device) for b in itertools.islice(setup.loader, BN_CHECK_BATCHES)]
+        out.add(check_batchnorm(trained_model, batches, T.build_loss(cfg).to(device), cfg, setup.loader))
     else:
-        out.skip(("bn.health",), "needs trained weights: pass --checkpoint, or run without --quick"
-                 if bn_model is None and options.quick and inputs.checkpoint is None else
-                 bn_source if bn_model is None else "needs a working forward pass and loss")
+        out.skip(("bn.health",), "needs a working forward pass and loss" if not ready else
+                 "needs trained weights: pass --checkpoint runs/X/last.pt" if inputs.checkpoint is None else
+                 "the checkpoint is not usable (see checkpoint.*)")
     if inputs.run is not None:
         out.add(check_run(inputs.run, cfg))
     if inputs.bad_batch is not None:
@@ -1249,8 +1282,9 @@ def diagnose(cfg: Config, options: argparse.Namespace, inputs: Inputs, out: Repo
 def header(cfg: Config, options: argparse.Namespace) -> str:
     defaults = {name.lower(): default for name, (_, default, _) in config.settings().items()}
     changed = {k: v for k, v in cfg.to_dict().items() if defaults.get(k) != v}
-    return (f"diagnose_training.py ({'quick' if options.quick else 'full'}) | resolved config, settings that differ "
-            f"from config.py: {changed or 'none'}")
+    source = f" (from {options.run_config} and the flags)" if options.run_config else ""
+    return (f"diagnose_training.py ({'quick' if options.quick else 'full'}) | resolved config{source}, settings "
+            f"that differ from config.py: {changed or 'none'}")
 
 
 def _jsonable(value: Any) -> Any:

@@ -245,15 +245,17 @@ def test_schedule_without_a_floor_fails_below_min_lr_and_the_real_one_passes():
 # ---- BatchNorm ----
 def test_poisoned_batchnorm_statistics_fail_and_the_layer_is_named(healthy_run):
     cfg = load_config(HEALTHY)
-    (images, masks, labels), setup = tiny_batch(cfg)
+    _, setup = tiny_batch(cfg)
+    batches = [D.batch_tensors(b, cfg, CPU) for b in setup.loader]  # 4 batches of 4
     model = T.build_model(cfg)
     model.load_state_dict(T.load_checkpoint(healthy_run / "last.pt", cfg)["model"])  # trained, recalibrated
     loss_fn = T.build_loss(cfg)
-    assert D.check_batchnorm(model, images, masks, labels, loss_fn, cfg)[0].status == "PASS"
-    model.encoder.stages[1][0][1].running_mean.add_(20.0)
-    (check,) = D.check_batchnorm(model, images, masks, labels, loss_fn, cfg, setup.loader)
+    assert D.check_batchnorm(model, batches, loss_fn, cfg)[0].status == "PASS"
+    model.encoder.stages[1][0][1].running_var.mul_(1e-4)  # poisoned: every activation of the layer x100 in eval
+    (check,) = D.check_batchnorm(model, batches, loss_fn, cfg, setup.loader)
     assert check.status == "FAIL"
     assert max(check.details["distances"], key=check.details["distances"].get) == "encoder.stages.1.0.1"
+    assert "furthest: encoder.stages.1.0.1 (" in check.value
     assert "--bn-recalibrate" in check.fix and "after recalibrating" in check.fix
 
 
