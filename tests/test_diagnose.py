@@ -1,0 +1,319 @@
+"""diagnose_training.py: each deliberately broken setup FAILs and is named; a healthy one passes every check."""
+
+import json
+import math
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+import diagnose_training as D
+import train_enhanced_adaptivestream as T
+from config import load_config
+from conftest import TINY
+
+CPU = torch.device("cpu")
+# Twice TINY's widths: the width-4 model memorises only 88% of the overfit test's 4 samples in 200 steps
+# at seed 0 (seeds 1-3 pass); at width 8 seeds 0-3 all pass. Still 32x32 images.
+HEALTHY = TINY + ["--width", "8", "--decoder-channels", "8", "--stream-channels", "32"]
+
+
+@pytest.fixture(scope="module")
+def healthy_run(tmp_path_factory):
+    """A real tiny training run: its folder (metrics.csv, steps.jsonl, train.log, config.yaml, last.pt)."""
+    run = tmp_path_factory.mktemp("healthy") / "run"
+    assert T.main(HEALTHY + ["--out-dir", str(run), "--bn-recalibrate", "2", "--epochs", "4", "--base-lr", "3e-3"]) == 0
+    return run
+
+
+def tiny_batch(cfg):
+    """(images, masks, labels) of the first real training batch, as the loop moves them."""
+    setup = D.build_setup(cfg, CPU)
+    return D.batch_tensors(setup.batch, cfg, CPU), setup
+
+
+def statuses(checks):
+    return {c.name: c.status for c in checks}
+
+
+def by_name(checks, name):
+    (check,) = [c for c in checks if c.name == name]
+    return check
+
+
+# ---- the real CLI: healthy exits 0, a broken checkpoint exits 1, bad input exits 2 ----
+def test_healthy_setup_passes_every_check_and_exits_0(healthy_run, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    code = D.main(HEALTHY + ["--run", str(healthy_run), "--checkpoint", str(healthy_run / "last.pt"),
+                          "--json", str(report)])
+    out = capsys.readouterr().out
+    data = json.loads(report.read_text())
+    assert code == 0, out
+    assert data["exit_code"] == 0 and data["mode"] == "full"
+    assert {c["status"] for c in data["checks"]} == {"PASS"}, out
+    names = {c["name"] for c in data["checks"]}
+    for name in ("config.warmup", "data.decode", "batch.mask_values", "model.seg_size", "loss.init_seg",
+                 "grad.flow", "update.ratio", "lr.schedule", "nan.float32.forward", "nan.float32.backward",
+                 "overfit", "input_dependence", "checkpoint.finite", "checkpoint.compatible", "bn.health",
+                 "run.skipped", "run.outcome", "run.loss_trend"):
+        assert name in names
+    assert data["root_causes"] == []
+    assert "every check passed" in out
+
+
+def test_cli_with_a_nan_checkpoint_exits_1_and_ranks_the_weights_first(healthy_run, tmp_path, capsys):
+    payload = torch.load(healthy_run / "last.pt", weights_only=True)
+    payload["model"]["seg_head.weight"].view(-1)[:3] = float("nan")
+    payload["model"]["seg_head.weight"].view(-1)[3] = float("inf")
+    bad = tmp_path / "nan.pt"
+    torch.save(payload, bad)
+    report = tmp_path / "report.json"
+    assert D.main(HEALTHY + ["--quick", "--checkpoint", str(bad), "--json", str(report)]) == 1
+    data = json.loads(report.read_text())
+    check = next(c for c in data["checks"] if c["name"] == "checkpoint.finite")
+    assert check["status"] == "FAIL"
+    assert check["details"]["nonfinite"] == ["model.seg_head.weight (3 NaN, 1 Inf)"]
+    assert data["root_causes"][0]["cause"] == "weights"
+    assert "FAIL  checkpoint.finite" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--bacth-size", "4"], "unknown flag --bacth-size"),
+    (["--checkpoint", "missing.pt"], "--checkpoint: missing.pt does not exist"),
+    (["--run", "no_such_folder"], "--run: no_such_folder is not a folder"),
+    (["--batch", "notes.txt"], "--batch: bad-batch file notes.txt cannot be read"),
+    (["--json", "no/such/dir/r.json"], "--json: folder no/such/dir does not exist"),
+    (["--quick", "--min-lr", "1"], "min_lr"),
+])
+def test_bad_arguments_and_unreadable_files_exit_2_naming_them(extra, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a batch")
+    assert D.main(TINY + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+# ---- model and loss ----
+class Downsampled(nn.Module):
+    """The real model with a decoder that stops early: 32x32 segmentation logits for any input."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        seg, cls = self.model(x)
+        return nn.functional.adaptive_avg_pool2d(seg, 32), cls
+
+
+def test_decoder_output_smaller_than_the_target_fails_and_the_loss_never_reports_success():
+    cfg = load_config(TINY + ["--image-size", "224", "--batch-size", "2", "--synthetic-train-size", "2"])
+    (images, masks, labels), _ = tiny_batch(cfg)
+    model = Downsampled(T.build_model(cfg))
+    out = D.Reporter()
+    assert D.diagnose_model(model, (images, masks, labels), cfg, out) is False
+    seg_size = by_name(out.checks, "model.seg_size")
+    assert seg_size.status == "FAIL" and seg_size.value == "seg logits 32x32, target 224x224"
+    loss = by_name(out.checks, "loss.init")
+    assert loss.status == "FAIL" and "(2, 4, 32, 32)" in loss.value and "(2, 224, 224)" in loss.value
+    assert not any(c.status == "PASS" and c.name.startswith(("loss", "grad", "update")) for c in out.checks)
+    assert statuses(out.checks)["grad"] == "SKIP"
+
+
+def test_unused_parameter_is_named_by_grad_flow():
+    cfg = load_config(TINY)
+    (images, masks, labels), _ = tiny_batch(cfg)
+    model = T.build_model(cfg)
+    model.unused = nn.Linear(3, 3)
+    checks = D.check_gradients(model, images, masks, labels, T.build_loss(cfg), cfg)
+    flow = by_name(checks, "grad.flow")
+    assert flow.status == "FAIL" and flow.details["none"] == ["unused.weight", "unused.bias"]
+
+
+# ---- data ----
+class BinaryMasks(torch.utils.data.Dataset):
+    """Two-class masks saved as 0/255 (the classic binary-PNG mistake); sample 1 is an unreadable file."""
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, index):
+        if index == 1:
+            raise T.DataError("image data/images/b.jpg is truncated")
+        mask = torch.zeros(8, 8, dtype=torch.uint8)
+        mask[2:6, 2:6] = 255
+        return {"image": torch.randn(3, 8, 8), "mask": mask, "label": 0, "id": f"data/images/{index}.jpg"}
+
+
+@pytest.mark.parametrize("ignore_index", [255, -100])
+def test_masks_stored_as_0_255_with_2_classes_fail_with_the_hint(ignore_index):
+    cfg = load_config(TINY + ["--num-seg-classes", "2", "--num-cls-classes", "2", "--ignore-index", str(ignore_index)])
+    checks = D.check_data({"train": BinaryMasks()}, cfg, None)
+    values = by_name(checks, "data.mask_values")
+    assert values.status == "FAIL" and "masks look like 0/255" in values.fix
+    decode = by_name(checks, "data.decode")
+    assert decode.status == "FAIL" and "data/images/b.jpg is truncated" in decode.fix
+    batch = {"image": torch.randn(2, 3, 8, 8), "mask": torch.stack([BinaryMasks()[0]["mask"]] * 2),
+             "label": torch.tensor([0, 1]), "id": ["a", "b"]}
+    values = by_name(D.check_batch(batch, cfg), "batch.mask_values")
+    assert values.status == "FAIL" and "masks look like 0/255" in values.fix
+
+
+def test_many_distinct_mask_values_point_at_jpeg_artefacts_and_float_masks_fail():
+    cfg = load_config(TINY)
+    jpeg = Counter({v: 10 for v in range(40)})
+    check = D.judge_mask_values("data.mask_values", jpeg, cfg)
+    assert check.status == "FAIL" and "JPEG artefacts" in check.fix
+    batch = {"image": torch.randn(2, 3, 8, 8), "mask": torch.rand(2, 8, 8) * 3, "label": torch.tensor([0, 1])}
+    assert by_name(D.check_batch(batch, cfg), "batch.mask_dtype").status == "FAIL"
+
+
+def test_raw_0_255_images_fail_normalisation_and_nan_pixels_fail_finite():
+    cfg = load_config(TINY)
+    images = torch.rand(2, 3, 8, 8) * 255
+    images[0, 0, 0, 0] = float("nan")
+    batch = {"image": images, "mask": torch.zeros(2, 8, 8, dtype=torch.long), "label": torch.tensor([0, 1])}
+    checks = D.check_batch(batch, cfg)
+    assert by_name(checks, "batch.finite").value == "1 non-finite values"
+    assert by_name(checks, "batch.finite").status == "FAIL"
+    # the NaN pixel makes the stats NaN; without it, raw 0-255 images are a FAIL with the ToDtype hint
+    images[0, 0, 0, 0] = 0
+    norm = by_name(D.check_batch(batch, cfg), "batch.normalisation")
+    assert norm.status == "FAIL" and "raw 0-255" in norm.fix
+
+
+# ---- NaN / Inf source finder ----
+class Log(nn.Module):
+    """log of a ReLU output: -inf wherever the input is exactly 0."""
+
+    def forward(self, x):
+        return torch.log(x)
+
+
+class Sqrt(nn.Module):
+    """Finite forward; the backward of sqrt at 0 is Inf."""
+
+    def forward(self, x):
+        return torch.sqrt(x)
+
+
+@pytest.mark.parametrize("layer, direction", [(Log, "forward"), (Sqrt, "backward")])
+def test_nan_finder_names_the_inserted_layer_not_a_later_one(layer, direction):
+    cfg = load_config(TINY)
+    (images, masks, labels), _ = tiny_batch(cfg)
+    model = T.build_model(cfg)
+    model.encoder.stages[2] = nn.Sequential(model.encoder.stages[2], layer())  # middle of the encoder
+    report = D.find_nonfinite(model, images, masks, labels, T.build_loss(cfg))
+    producer = report.forward_producer if direction == "forward" else report.backward_producer
+    assert producer == "encoder.stages.2.1"
+    if direction == "backward":
+        assert report.forward_producer is None and math.isfinite(report.loss)
+    checks = D.check_nonfinite(report, "nan")
+    check = by_name(checks, f"nan.float32.{direction}")
+    assert check.status == "FAIL" and "encoder.stages.2.1" in check.value
+    assert all(m.inplace for m in model.modules() if isinstance(m, nn.ReLU))  # the finder puts them back
+
+
+def test_fp16_overflow_is_named_in_float32_and_found_under_fp16_autocast():
+    cfg = load_config(TINY)
+    (images, masks, labels), _ = tiny_batch(cfg)
+    model = T.build_model(cfg)
+    with torch.no_grad():
+        model.encoder.stages[0][0][0].weight.mul_(1e6)  # conv outputs ~1e6: fine in float32, Inf in float16
+    loss_fn = T.build_loss(cfg)
+    fp32 = D.find_nonfinite(model, images, masks, labels, loss_fn)
+    assert fp32.forward_producer is None
+    assert fp32.fp16_overflow[0].startswith("encoder.stages.0.0.0 ")
+    fp16 = D.find_nonfinite(model, images, masks, labels, loss_fn, torch.float16)
+    assert fp16.forward_producer == "encoder.stages.0.0.0"
+
+
+# ---- LR schedule ----
+def test_schedule_without_a_floor_fails_below_min_lr_and_the_real_one_passes():
+    cfg = load_config(["--device", "cpu"])  # 12 epochs; 96 steps per epoch at the default 768 images / batch 8
+    no_floor = lambda cfg_, optimizer, steps: torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.95)
+    (check,) = D.check_lr_schedule(cfg, 96, make_scheduler=no_floor)
+    # 1e-3 * 0.95**k < 1e-6 first at k = 135; < 1e-9 first at k = 270
+    assert check.status == "FAIL"
+    assert "below min_lr from step 135" in check.value and "~0 (< 1e-09) from step 270" in check.value
+    (real,) = D.check_lr_schedule(cfg, 96)
+    assert real.status == "PASS" and real.details["warmup_end"] == 95
+    assert real.details["min"] == pytest.approx(1e-6) and real.details["max"] == pytest.approx(1e-3)
+
+
+# ---- BatchNorm ----
+def test_poisoned_batchnorm_statistics_fail_and_the_layer_is_named(healthy_run):
+    cfg = load_config(HEALTHY)
+    _, setup = tiny_batch(cfg)
+    batches = [D.batch_tensors(b, cfg, CPU) for b in setup.loader]  # 4 batches of 4
+    model = T.build_model(cfg)
+    model.load_state_dict(T.load_checkpoint(healthy_run / "last.pt", cfg)["model"])  # trained, recalibrated
+    loss_fn = T.build_loss(cfg)
+    healthy = D.check_batchnorm(model, batches, loss_fn, cfg)[0]
+    assert healthy.status == "PASS", healthy.value
+    model.encoder.stages[1][0][1].running_var.mul_(1e-4)  # poisoned: every activation of the layer x100 in eval
+    (check,) = D.check_batchnorm(model, batches, loss_fn, cfg, setup.loader)
+    assert check.status == "FAIL"
+    assert max(check.details["distances"], key=check.details["distances"].get) == "encoder.stages.1.0.1"
+    assert "furthest: encoder.stages.1.0.1 (" in check.value
+    assert "--bn-recalibrate" in check.fix and "after recalibrating" in check.fix
+
+
+# ---- run folder ----
+def test_run_folder_with_every_step_skipped_fails_run_skipped(tmp_path):
+    run = tmp_path / "run"
+    argv = TINY + ["--out-dir", str(run), "--skip-grad-norm", "1e-9", "--max-skip-fraction", "1.0",
+                   "--epochs", "1", "--warmup-epochs", "0"]
+    assert T.main(argv) == 0  # max_skip_fraction 1.0 lets it finish with nothing learnt
+    checks = D.check_run(D.read_run_folder(run), load_config(argv))
+    skipped = by_name(checks, "run.skipped")
+    assert skipped.status == "FAIL"
+    assert skipped.value == "epoch 1: 4/4 (100%); gradient explosion x4"
+    assert skipped.details["per_epoch"] == {1: 1.0}
+
+
+# ---- bad batch replay ----
+def save_batch(tmp_path, cfg, model, amp="off", poison_image=False):
+    setup = D.build_setup(cfg, CPU)
+    batch = dict(setup.batch)
+    if poison_image:
+        batch["image"] = batch["image"].clone()
+        batch["image"][1, 0, 4, 4] = float("nan")
+    path = tmp_path / "bad_batches" / "step_7.pt"
+    T.save_bad_batch(path, batch, step=7, epoch=1, reason="non-finite loss", loss=math.nan, grad_norm=math.nan,
+                     lr=1e-3, amp=amp, model=model, weights_step=6, cfg=cfg)
+    return D.read_bad_batch(path)
+
+
+@pytest.mark.parametrize("case, cause", [("data", "data"), ("weights", "weights"), ("fp16", "numerics")])
+def test_bad_batch_replay_tells_data_weights_and_numerics_apart(tmp_path, case, cause):
+    cfg = load_config(TINY)
+    model = T.build_model(cfg)
+    with torch.no_grad():
+        if case == "weights":
+            model.decoder[1].up[0].weight[0, 0, 0, 0] = float("nan")
+        if case == "fp16":
+            model.encoder.stages[0][0][0].weight.mul_(1e6)
+    payload = save_batch(tmp_path, cfg, model, amp="fp16" if case == "fp16" else "off", poison_image=case == "data")
+    checks = D.check_bad_batch(payload, cfg, CPU)
+    verdict = by_name(checks, "bad_batch.verdict")
+    assert verdict.status == "FAIL" and verdict.cause == cause
+    if case == "data":
+        assert by_name(checks, "bad_batch.finite").status == "FAIL" and "train/" in verdict.fix
+    if case == "weights":
+        assert "decoder.1.up.0.weight (1 NaN, 0 Inf)" in verdict.value
+    if case == "fp16":
+        assert verdict.value.startswith("numerics: finite in float32, not in float16")
+        assert by_name(checks, "bad_batch.nan.float32.forward").status == "PASS"
+
+
+# ---- summary ----
+def test_root_causes_rank_fail_before_warn_and_upstream_before_downstream():
+    checks = [D.judge("run.skipped", False, "", "", "fix run", "run"),
+              D.judge("update.ratio", False, "", "", "fix lr", "lr", warn=True),
+              D.judge("batch.mask_values", False, "", "", "fix data", "data"),
+              D.judge("model.forward", True, "", "", "", "architecture")]
+    ranked = D.ranked_causes(checks)
+    assert [(r["cause"], r["status"], r["fix"]) for r in ranked] == [
+        ("data", "FAIL", "fix data"), ("run", "FAIL", "fix run"), ("lr", "WARN", "fix lr")]
