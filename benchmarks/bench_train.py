@@ -346,6 +346,7 @@ def time_to_miou(cfg: Config, makers: dict[str, Callable[[], nn.Module] | None],
     pays them.
     """
     curves: dict[str, list[list[float]]] = {}
+    stopped: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
         for name, make in makers.items():
@@ -354,24 +355,26 @@ def time_to_miou(cfg: Config, makers: dict[str, Callable[[], nn.Module] | None],
             base = T.build_run(run_cfg, Path(run_cfg.out_dir))
             runs[name] = base if make is None else run_with_model(base, make(), guarded=True)
             curves[name] = []
-        active, elapsed = list(runs), dict.fromkeys(runs, 0.0)
-        while active:
-            for name in list(active):
+        elapsed = dict.fromkeys(runs, 0.0)
+        while len(stopped) < len(runs):
+            for name in [n for n in runs if n not in stopped]:
                 run = runs[name]
                 run.cfg.epochs = run.state.epoch + 1  # fit() trains up to cfg.epochs: one more epoch per call
                 start = time.perf_counter()
                 row = T.fit(run)
                 elapsed[name] += time.perf_counter() - start
                 curves[name].append([round(elapsed[name], 1), float(row["val_miou"])])
-                print(f"time-to-mIoU  {name:<8} epoch {run.state.epoch:>2}  val mIoU {row['val_miou']:.4f}  "
+                print(f"time-to-mIoU  {name:<6} epoch {run.state.epoch:>2}  val mIoU {row['val_miou']:.4f}  "
                       f"after {elapsed[name]:.0f} s", file=sys.stderr)
-                if row["val_miou"] >= target or elapsed[name] >= budget_s or run.state.epoch >= cfg.epochs:
-                    active.remove(name)
-    common = min(curve[-1][0] for curve in curves.values())  # the shortest run's total: a budget every model had
-    return {"target": target, "budget_s": budget_s, "common_budget_s": common, **{name: {
-        "seconds_to_target": next((s for s, m in curve if m >= target), None),
-        "best_miou": max(m for _, m in curve),
-        "best_miou_within_common_budget": max((m for s, m in curve if s <= common), default=float("nan")),
+                if row["val_miou"] >= target:
+                    stopped[name] = "target"
+                elif elapsed[name] >= budget_s:
+                    stopped[name] = "budget"
+                elif run.state.epoch >= cfg.epochs:
+                    stopped[name] = "schedule"
+    return {"target": target, "budget_s": budget_s, "epochs": cfg.epochs, "models": {name: {
+        "seconds_to_target": curve[-1][0] if stopped[name] == "target" else None, "stopped_by": stopped[name],
+        "best_miou": max(m for _, m in curve), "epochs_trained": len(curve), "seconds_trained": curve[-1][0],
         "curve_s_miou": curve} for name, curve in curves.items()}}
 
 
@@ -488,11 +491,12 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"  {label:<50} {cells[0]:>10} {cells[1]:>14}")
     if "time_to_miou" in result:
         ttm = result["time_to_miou"]
-        for name in (k for k in ttm if isinstance(ttm[k], dict)):
-            reached = ttm[name]["seconds_to_target"]
-            lines.append(f"  time to val mIoU {ttm['target']:.2f}, {name:<6} "
-                         f"{'not reached' if reached is None else f'{reached:.0f} s':>14}   best mIoU within "
-                         f"{ttm['common_budget_s']:.0f} s: {ttm[name]['best_miou_within_common_budget']:.4f}")
+        for name, model in ttm["models"].items():
+            reached = model["seconds_to_target"]
+            lines.append(f"  time to val mIoU {ttm['target']:.2f} ({name}, fit(), all costs)"
+                         f"{'not reached' if reached is None else f'{reached:.0f} s':>{max(1, 23 - len(name))}}"
+                         f"   best mIoU {model['best_miou']:.4f} in {model['epochs_trained']} epochs, "
+                         f"{model['seconds_trained']:.0f} s")
     lines.append(f"  ({result['seconds']:.0f} s in all)")
     return "\n".join(lines)
 
@@ -509,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmark failed: {err}", file=sys.stderr)
         return 1
     print(format_table(result), file=sys.stderr)
-    text = json.dumps(result, indent=2)
+    text = json.dumps(result, indent=2, allow_nan=False)
     if args.json:
         Path(args.json).write_text(text + "\n")
     else:
