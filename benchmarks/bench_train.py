@@ -331,7 +331,8 @@ def prepare_folder_fixture(root: Path, cfg: Config, count: int) -> Config:
         raise BenchError(f"--folder-fixture: build_datasets does not accept dataset 'folder' in this version "
                          f"({err}); the folder dataset comes with issue 3") from None
     except T.DataError as err:
-        raise BenchError(f"--folder-fixture: the folder dataset rejected the fixture written to {root}: {err}") from None
+        raise BenchError(f"--folder-fixture: the folder dataset rejected the fixture written to {root}: "
+                         f"{err}") from None
     return folder_cfg
 
 
@@ -402,7 +403,9 @@ def measure(args: argparse.Namespace, cfg: Config, argv: list[str]) -> dict[str,
     """Every figure of the benchmark, as one JSON-ready dict."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        folder_cfg = prepare_folder_fixture(Path(tmp) / "folder", cfg, args.folder_fixture) if args.folder_fixture else None
+        folder_cfg = None
+        if args.folder_fixture:
+            folder_cfg = prepare_folder_fixture(Path(tmp) / "folder", cfg, args.folder_fixture)
         cfg.out_dir = str(Path(tmp) / "run")
         Path(cfg.out_dir).mkdir()
         base = T.build_run(cfg, Path(cfg.out_dir))
