@@ -49,7 +49,9 @@ def test_steady_state_guarded_steps_make_no_host_sync(make_run, amp):
     stats = run_without_sync(run, batches, rounds=3)
     assert stats.shape == (6, 6)
     assert torch.isfinite(stats[:, 0]).all()
-    assert (stats[:, 4] == 0).all(), f"steps skipped: {stats[:, 4].tolist()}"
+    # fp16's GradScaler may still be finding its scale: an overflowed step is skipped as a non-finite gradient.
+    allowed = {0, 2} if amp == "fp16" else {0}
+    assert set(stats[:, 4].int().tolist()) <= allowed, f"skip reasons: {stats[:, 4].tolist()}"
 
 
 def test_skipped_nan_step_makes_no_host_sync_and_changes_nothing(make_run):
