@@ -1,0 +1,36 @@
+"""benchmarks/bench_train.py runs end to end on a tiny config and reports every figure as a finite number."""
+
+import importlib.util
+import json
+import math
+
+from conftest import ROOT, TINY
+
+import train_enhanced_adaptivestream as T
+from config import load_config
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_train_reports_every_figure_as_a_finite_number(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = TINY + ["--steps", "2", "--warmup", "1", "--eval-batches", "2", "--loader-batches", "2",
+                   "--json", str(out)]
+    assert load_bench().main(argv) == 0
+    result = json.loads(out.read_text())
+    ours = result["ours"]
+    for key in ("params", "gflops_per_image", "peak_memory_mb", "train_images_per_s", "train_step_ms",
+                "unguarded_images_per_s", "guard_ratio", "guard_alone_ms", "guard_alone_fraction",
+                "achieved_train_gflops", "fraction_of_matmul", "eval_images_per_s"):
+        assert math.isfinite(ours[key]) and ours[key] > 0, f"ours.{key} = {ours[key]}"
+    for value in (result["matmul_gflops"], result["loader"]["images_per_s"], result["loader"]["first_batch_s"]):
+        assert math.isfinite(value) and value > 0
+    assert ours["params"] == sum(p.numel() for p in T.build_model(load_config(TINY)).parameters())
+    # 3 x forward FLOPs x images/s, by definition
+    assert math.isclose(ours["achieved_train_gflops"], 3 * ours["gflops_per_image"] * ours["train_images_per_s"])
+    assert result["settings"]["image_size"] == 32 and result["loader"]["dataset"] == "synthetic"

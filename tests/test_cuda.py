@@ -1,0 +1,67 @@
+"""CUDA only: steady-state training steps make no host synchronisation; the guard decides on the device.
+
+torch.cuda.set_sync_debug_mode("error") raises on any call that makes the host wait for the GPU
+(.item(), .cpu(), a data-dependent Python branch on a CUDA tensor, a blocking copy), so a step that
+passes here keeps the GPU fed. The first steps are warm-up (optimizer state, kernel choice) and
+run outside the check, as in a real run.
+"""
+
+import pytest
+import torch
+
+import train_enhanced_adaptivestream as T
+from test_guard import assert_unchanged, snapshot
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def device_batches(run, count):
+    """`count` training batches already on the GPU, so the checked steps include no input copy."""
+    batches = []
+    for batch in run.train_loader:
+        batches.append(T.to_device(batch, run))
+        if len(batches) == count:
+            break
+    torch.cuda.synchronize()
+    return batches
+
+
+def run_without_sync(run, batches, rounds):
+    """train_step over batches `rounds` times under sync debug mode "error"; returns the stacked stats."""
+    stats = []
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(rounds):
+            for images, masks, labels in batches:
+                stats.append(T.train_step(run, images, masks, labels))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return torch.stack(stats).cpu()
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
+def test_steady_state_guarded_steps_make_no_host_sync(make_run, amp):
+    run = make_run("--device", "cuda", "--amp", amp)
+    batches = device_batches(run, 2)
+    for images, masks, labels in batches:
+        T.train_step(run, images, masks, labels)  # warm-up: optimizer state, kernel selection
+    stats = run_without_sync(run, batches, rounds=3)
+    assert stats.shape == (6, 6)
+    assert torch.isfinite(stats[:, 0]).all()
+    # fp16's GradScaler may still be finding its scale: an overflowed step is skipped as a non-finite gradient.
+    allowed = {0, 2} if amp == "fp16" else {0}
+    assert set(stats[:, 4].int().tolist()) <= allowed, f"skip reasons: {stats[:, 4].tolist()}"
+
+
+def test_skipped_nan_step_makes_no_host_sync_and_changes_nothing(make_run):
+    run = make_run("--device", "cuda")
+    (images, masks, labels), = device_batches(run, 1)
+    for _ in range(2):
+        T.train_step(run, images, masks, labels)
+    before = snapshot(run)
+    poisoned = images.clone()
+    poisoned[0, :, 3, 3] = float("nan")  # poisons BN running stats in train mode unless the guard restores them
+    stats = run_without_sync(run, [(poisoned, masks, labels)], rounds=1)
+    assert T.SKIP_REASONS[int(stats[0, 4])] == "non-finite loss"
+    assert_unchanged(before, run)
