@@ -22,6 +22,7 @@ import json
 import math
 import sys
 import time
+import traceback
 import warnings
 from collections import Counter
 from contextlib import contextmanager, nullcontext
@@ -479,9 +480,10 @@ def probe_run(model: nn.Module, loss_fn: nn.Module, cfg: Config, device: torch.d
     """A real Run (build_optimizer, guard) around model for train_step; constant LR = base_lr after warm-up."""
     optimizer = T.build_optimizer(cfg, model)
     scheduler = T.WarmupLRScheduler(optimizer, warmup, steps, cfg.min_lr, decay="constant")
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None  # as build_run makes it
     return T.Run(cfg=cfg, model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
                  guard=T.StepGuard(model, cfg, device), device=device, train_loader=None, val_loader=None,
-                 run_dir=Path("."))
+                 run_dir=Path("."), scaler=scaler)
 
 
 def check_update_ratio(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
@@ -668,11 +670,12 @@ def check_nonfinite(report: NonFiniteReport, prefix: str, amp: str = "off") -> l
         where = (f"first non-finite output: {report.forward_producer} (its inputs are finite)"
                  if report.forward_producer else "the loss is non-finite on finite logits")
         ok = not report.forward_nonfinite and math.isfinite(report.loss)
-        keep = " or keep it in float32" if report.precision != "float32" else ""
+        source = report.forward_producer or "the loss"
+        fix = (f"{source} turns finite inputs into NaN/Inf: guard its log/sqrt/division/exp (clamp, add eps)"
+               if report.precision == "float32" else f"{source} leaves the {report.precision} range (see "
+               f"nan.fp16_range): use --amp bf16, or keep that module in float32")
         forward = judge(f"{tag}.forward", ok, f"all {report.modules} module outputs finite, loss {report.loss:.4g}"
-                        if ok else where, "every module output finite",
-                        f"{report.forward_producer or 'the loss'} turns finite inputs into NaN/Inf: guard its "
-                        f"log/sqrt/division/exp (clamp, add eps){keep}", "numerics")
+                        if ok else where, "every module output finite", fix, "numerics")
     if forward.status != "PASS":
         backward = skip(f"{tag}.backward", "the forward pass is already non-finite")
     else:
@@ -962,8 +965,9 @@ def check_run(record: RunRecord, cfg: Config) -> list[Check]:
         checks.append(judge("run.skipped", max(ratios.values()) <= RUN_SKIP_WARN_FRACTION, value,
                             f"0 skipped (FAIL above {max_skip:.0%})", fix, "run",
                             warn=max(ratios.values()) <= max_skip, details={"per_epoch": ratios}))
-    if record.rows is None:
-        return checks + [judge("run.metrics", False, f"no {record.path / 'metrics.csv'}", "at least one epoch row",
+    if not record.rows:
+        return checks + [judge("run.metrics", False, f"no epoch row in {record.path / 'metrics.csv'}",
+                               "at least one epoch row",
                                "no epoch finished: read the end of train.log (run.outcome)", "run")]
     return checks + check_run_metrics(record.rows, float(record.config.get("min_lr", cfg.min_lr)))
 
@@ -1320,6 +1324,11 @@ def main(argv: list[str] | None = None) -> int:
         diagnose(cfg, options, inputs, out)
     except ConfigError as err:  # e.g. a dataset this version of the training script does not have
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception:  # a crash is not a diagnosis: say so, loudly, with exit code 2 (not 1, "a check failed")
+        traceback.print_exc()
+        print("error: diagnose_training.py could not finish (traceback above); the checks printed so far stand",
+              file=sys.stderr)
         return 2
     code = 1 if any(c.status == "FAIL" for c in out.checks) else 0
     print(format_summary(out.checks))

@@ -281,6 +281,18 @@ def test_run_folder_with_every_step_skipped_fails_run_skipped(tmp_path):
     assert skipped.status == "FAIL"
     assert skipped.value == "epoch 1: 4/4 (100%); gradient explosion x4"
     assert skipped.details["per_epoch"] == {1: 1.0}
+    assert by_name(checks, "run.outcome").status == "PASS"  # it did finish: the skips are the failure
+
+
+def test_run_that_stopped_on_skipped_steps_fails_outcome_and_metrics(tmp_path):
+    run = tmp_path / "run"
+    argv = TINY + ["--out-dir", str(run), "--skip-grad-norm", "1e-9", "--epochs", "1", "--warmup-epochs", "0"]
+    assert T.main(argv) == 1  # more than max_skip_fraction 0.25 of the epoch skipped: stopped, no metrics row
+    checks = D.check_run(D.read_run_folder(run), load_config(argv))
+    outcome = by_name(checks, "run.outcome")
+    assert outcome.status == "FAIL" and outcome.value.startswith("2 of 4 steps in epoch 1 were skipped")
+    assert by_name(checks, "run.skipped").value == "epoch 1: 2/2 (100%); gradient explosion x2"
+    assert by_name(checks, "run.metrics").status == "FAIL"
 
 
 # ---- bad batch replay ----
