@@ -22,6 +22,7 @@ import json
 import math
 import sys
 import time
+import traceback
 import warnings
 from collections import Counter
 from contextlib import contextmanager, nullcontext
@@ -181,6 +182,14 @@ def autocast_for(dtype: torch.dtype | None, device: torch.device):
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def value_counts(tensor: torch.Tensor) -> Counter:
+    """value -> count of a CPU tensor. numpy: torch.unique took 100 ms per 224x224 mask on a busy 2-core machine."""
+    tensor = tensor.detach().cpu()
+    values, counts = np.unique((tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy(),
+                               return_counts=True)
+    return Counter(dict(zip(values.tolist(), counts.tolist())))
+
+
 def show(names: list[str]) -> str:
     extra = len(names) - NAMES_SHOWN
     return ", ".join(names[:NAMES_SHOWN]) + (f" (+{extra} more)" if extra > 0 else "")
@@ -255,10 +264,9 @@ def scan_dataset(dataset: Dataset, limit: int | None) -> DataScan:
             scan.bad_shapes.append(f"{sid}: image {tuple(image.shape)} mask {tuple(mask.shape)}")
         if mask.is_floating_point():
             scan.float_masks += 1
-        values, counts = torch.unique(mask, return_counts=True)
-        scan.mask_values.update(dict(zip(values.tolist(), counts.tolist())))
+        scan.mask_values.update(value_counts(mask))
         scan.labels[int(sample["label"])] += 1
-        if image.is_floating_point() and not torch.isfinite(image).all():
+        if image.is_floating_point() and not np.isfinite(image.detach().float().cpu().numpy()).all():
             scan.nonfinite_images.append(str(sid))
     return scan
 
@@ -347,9 +355,7 @@ def check_batch(batch: dict[str, Any], cfg: Config, prefix: str = "batch") -> li
     checks.append(judge(f"{prefix}.shapes", shape_ok, f"images {tuple(images.shape)}, masks {tuple(masks.shape)}",
                         "masks [B, H, W] of images [B, 3, H, W]", "a mask with a channel axis is an RGB or "
                         "[1, H, W] mask: squeeze it or map colours to class indices", "data"))
-    values, counts = torch.unique(masks, return_counts=True)
-    found = Counter(dict(zip(values.tolist(), counts.tolist())))
-    checks.append(judge_mask_values(f"{prefix}.mask_values", found, cfg, int(masks.is_floating_point())))
+    checks.append(judge_mask_values(f"{prefix}.mask_values", value_counts(masks), cfg, int(masks.is_floating_point())))
     bad = sorted(set(labels.tolist()) - set(range(cfg.num_cls_classes)))
     checks.append(judge(f"{prefix}.label_range", not bad, f"labels {show_values(set(labels.tolist()))}",
                         f"in [0, {cfg.num_cls_classes})", f"labels {bad} are out of range: fix the label source "
@@ -479,9 +485,10 @@ def probe_run(model: nn.Module, loss_fn: nn.Module, cfg: Config, device: torch.d
     """A real Run (build_optimizer, guard) around model for train_step; constant LR = base_lr after warm-up."""
     optimizer = T.build_optimizer(cfg, model)
     scheduler = T.WarmupLRScheduler(optimizer, warmup, steps, cfg.min_lr, decay="constant")
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None  # as build_run makes it
     return T.Run(cfg=cfg, model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
                  guard=T.StepGuard(model, cfg, device), device=device, train_loader=None, val_loader=None,
-                 run_dir=Path("."), steps_per_epoch=steps)
+                 run_dir=Path("."), steps_per_epoch=steps, scaler=scaler)
 
 
 def check_update_ratio(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
@@ -548,14 +555,6 @@ def check_lr_schedule(cfg: Config, steps_per_epoch: int,
 
 
 # ---- 8. NaN/Inf source finder ----
-def _finite(obj: Any, device: torch.device) -> torch.Tensor:
-    """1.0 when every floating tensor in obj (tensor, tuple, list, dict, None) is finite, else 0.0; on device."""
-    tensors = [t for t in _tensors(obj) if t.is_floating_point()]
-    if not tensors:
-        return torch.ones((), device=device)
-    return torch.stack([torch.isfinite(t).all() for t in tensors]).all().float().to(device)
-
-
 def _tensors(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         return [obj]
@@ -566,13 +565,16 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
-def _finite_max(obj: Any, device: torch.device) -> torch.Tensor:
-    """Largest finite |value| over the floating tensors of obj, in float32 (for the fp16 range check)."""
+def _max_abs(obj: Any, device: torch.device) -> torch.Tensor:
+    """Largest |value| over the floating tensors of obj (tensor, tuple, list, dict, None), float32, on device.
+
+    NaN when any value is NaN, Inf when any is Inf (the max propagates them): one reduction answers both
+    "is it finite?" and "does it fit fp16?", without the bool tensor torch.isfinite allocates.
+    """
     tensors = [t.detach() for t in _tensors(obj) if t.is_floating_point() and t.numel()]
     if not tensors:
         return torch.zeros((), device=device)
-    maxima = [torch.where(torch.isfinite(t), t.abs(), 0).amax().float() for t in tensors]
-    return torch.stack(maxima).amax().to(device)
+    return torch.stack([torch.linalg.vector_norm(t, ord=math.inf).float() for t in tensors]).amax().to(device)
 
 
 @dataclass
@@ -607,14 +609,14 @@ def find_nonfinite(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, 
     backward: list[tuple[str, torch.Tensor]] = []
 
     def before(module: nn.Module, args: Any) -> None:
-        entered.setdefault(module, []).append(_finite(args, device))
+        entered.setdefault(module, []).append(_max_abs(args, device))
 
     def after(module: nn.Module, args: Any, output: Any) -> None:
-        forward.append((names[module], torch.stack([entered[module].pop(), _finite(output, device),
-                                                    _finite_max(output, device)])))
+        forward.append((names[module], torch.stack([entered[module].pop(), _max_abs(output, device)])))
 
     def on_grad(module: nn.Module, grad_input: Any, grad_output: Any) -> None:
-        backward.append((names[module], torch.stack([_finite(grad_output, device), _finite(grad_input, device)])))
+        peaks = [_max_abs(grad_output, device), _max_abs(grad_input, device)]
+        backward.append((names[module], torch.stack(peaks)))
 
     # Full backward hooks forbid in-place ops on a hooked module's output: switch them off for this pass.
     inplace = [m for m in model.modules() if getattr(m, "inplace", None) is True]
@@ -631,31 +633,31 @@ def find_nonfinite(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, 
             loss = loss_fn(seg, cls, masks, labels)[0]
             loss.backward()
             params = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
-            grads = [p.grad.detach().float() for _, p in params]
-            grad_ok = torch.stack([torch.isfinite(g).all().float() for g in grads]) if grads else torch.ones(0)
-            head = torch.stack([_finite(images, device), loss.detach().float(),
-                                torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads
-                                else torch.zeros((), device=device)])
-            flat = torch.cat([head, *(f for _, f in forward), *(f for _, f in backward), grad_ok.to(device)])
+            grads = [p.grad.detach() for _, p in params]
+            norms = torch.stack([g.float().norm() for g in grads]) if grads else torch.zeros(0, device=device)
+            peaks = torch.stack([_max_abs(g, device) for g in grads]) if grads else norms  # finiteness per grad
+            head = torch.stack([_max_abs(images, device), loss.detach().float(), torch.linalg.vector_norm(norms)])
+            flat = torch.cat([head, *(f for _, f in forward), *(f for _, f in backward), peaks])
             values = flat.tolist()  # the one host sync
     finally:
         for handle in handles:
             handle.remove()
         for module in inplace:
             module.inplace = True
-    fwd = [values[3 + 3 * i: 6 + 3 * i] for i in range(len(forward))]
-    offset = 3 + 3 * len(forward)
-    bwd = [values[offset + 2 * i: offset + 2 + 2 * i] for i in range(len(backward))]
-    grad_flags = values[offset + 2 * len(backward):]
+    ok = [math.isfinite(v) for v in values]  # max |x| is finite exactly when every value is
+    fwd = [(name, ok[3 + 2 * i], ok[4 + 2 * i], values[4 + 2 * i]) for i, (name, _) in enumerate(forward)]
+    offset = 3 + 2 * len(forward)
+    bwd = [(name, ok[offset + 2 * i], ok[offset + 1 + 2 * i]) for i, (name, _) in enumerate(backward)]
+    grad_ok = ok[offset + 2 * len(backward):]
     return NonFiniteReport(
         precision=str(dtype).replace("torch.", "") if dtype else "float32", modules=len(names),
-        input_finite=bool(values[0]), loss=values[1], grad_norm=values[2],
-        forward_producer=next((n for (n, _), (i, o, _) in zip(forward, fwd) if i and not o), None),
-        forward_nonfinite=any(not o for _, o, _ in fwd),
-        backward_producer=next((n for (n, _), (go, gi) in zip(backward, bwd) if go and not gi), None),
-        backward_nonfinite=any(not gi or not go for go, gi in bwd) or not all(grad_flags),
-        nonfinite_grads=[n for (n, _), ok in zip(params, grad_flags) if not ok],
-        fp16_overflow=[f"{n} (|x| {m:.3g})" for (n, _), (_, _, m) in zip(forward, fwd) if m > FP16_MAX])
+        input_finite=ok[0], loss=values[1], grad_norm=values[2],
+        forward_producer=next((n for n, i, o, _ in fwd if i and not o), None),
+        forward_nonfinite=not all(o for _, _, o, _ in fwd),
+        backward_producer=next((n for n, go, gi in bwd if go and not gi), None),
+        backward_nonfinite=not all(go and gi for _, go, gi in bwd) or not all(grad_ok),
+        nonfinite_grads=[n for (n, _), good in zip(params, grad_ok) if not good],
+        fp16_overflow=[f"{n} (|x| {m:.3g})" for n, _, o, m in fwd if o and m > FP16_MAX])
 
 
 def check_nonfinite(report: NonFiniteReport, prefix: str, amp: str = "off") -> list[Check]:
@@ -668,11 +670,12 @@ def check_nonfinite(report: NonFiniteReport, prefix: str, amp: str = "off") -> l
         where = (f"first non-finite output: {report.forward_producer} (its inputs are finite)"
                  if report.forward_producer else "the loss is non-finite on finite logits")
         ok = not report.forward_nonfinite and math.isfinite(report.loss)
-        keep = " or keep it in float32" if report.precision != "float32" else ""
+        source = report.forward_producer or "the loss"
+        fix = (f"{source} turns finite inputs into NaN/Inf: guard its log/sqrt/division/exp (clamp, add eps)"
+               if report.precision == "float32" else f"{source} leaves the {report.precision} range (see "
+               f"nan.fp16_range): use --amp bf16, or keep that module in float32")
         forward = judge(f"{tag}.forward", ok, f"all {report.modules} module outputs finite, loss {report.loss:.4g}"
-                        if ok else where, "every module output finite",
-                        f"{report.forward_producer or 'the loss'} turns finite inputs into NaN/Inf: guard its "
-                        f"log/sqrt/division/exp (clamp, add eps){keep}", "numerics")
+                        if ok else where, "every module output finite", fix, "numerics")
     if forward.status != "PASS":
         backward = skip(f"{tag}.backward", "the forward pass is already non-finite")
     else:
@@ -962,8 +965,9 @@ def check_run(record: RunRecord, cfg: Config) -> list[Check]:
         checks.append(judge("run.skipped", max(ratios.values()) <= RUN_SKIP_WARN_FRACTION, value,
                             f"0 skipped (FAIL above {max_skip:.0%})", fix, "run",
                             warn=max(ratios.values()) <= max_skip, details={"per_epoch": ratios}))
-    if record.rows is None:
-        return checks + [judge("run.metrics", False, f"no {record.path / 'metrics.csv'}", "at least one epoch row",
+    if not record.rows:
+        return checks + [judge("run.metrics", False, f"no epoch row in {record.path / 'metrics.csv'}",
+                               "at least one epoch row",
                                "no epoch finished: read the end of train.log (run.outcome)", "run")]
     return checks + check_run_metrics(record.rows, float(record.config.get("min_lr", cfg.min_lr)))
 
@@ -1320,6 +1324,11 @@ def main(argv: list[str] | None = None) -> int:
         diagnose(cfg, options, inputs, out)
     except ConfigError as err:  # e.g. a dataset this version of the training script does not have
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception:  # a crash is not a diagnosis: say so, loudly, with exit code 2 (not 1, "a check failed")
+        traceback.print_exc()
+        print("error: diagnose_training.py could not finish (traceback above); the checks printed so far stand",
+              file=sys.stderr)
         return 2
     code = 1 if any(c.status == "FAIL" for c in out.checks) else 0
     print(format_summary(out.checks))
