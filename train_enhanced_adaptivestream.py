@@ -937,9 +937,10 @@ class AdaptiveStream(nn.Module):
             self.encoder = TorchvisionEncoder(backbone, pretrained)
         enc = self.encoder.channels  # strides 2, 4, 8, 16, 32
         self.stream = conv_bn_relu(enc[4], stream_channels, kernel=1)
-        # Output channels at strides 16, 8, 4, 2, 1. The last stage has no encoder feature to fuse and
-        # runs at full resolution, where every channel costs most: keep it thin (see benchmarks/).
-        dec = [decoder_channels * m for m in (8, 4, 2, 1)] + [max(decoder_channels // 2, 4)]
+        # Output channels at strides 16, 8, 4, 2, 1. The last stage has no encoder feature to fuse (no 3x3
+        # fuse conv at full resolution: that conv alone was half the step time). At half the width (8)
+        # one default run never predicted its rarest class (val IoU 0.000 for 10 epochs), so it stays.
+        dec = [decoder_channels * m for m in (8, 4, 2, 1, 1)]
         skips = [enc[3], enc[2], enc[1], enc[0], 0]
         cins = [stream_channels] + dec[:-1]
         self.decoder = nn.ModuleList(UpStage(ci, cs, co) for ci, cs, co in zip(cins, skips, dec))
@@ -1504,6 +1505,7 @@ def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor, labels: torc
     grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.max_grad_norm, foreach=True)  # pre-clip norm
     if guard is None:
         reason = torch.zeros((), dtype=torch.long, device=loss.device)
+        optimizer.found_inf = None  # no verdict left over from a guarded step on this optimizer
     else:
         reason = guard.reason(loss.detach(), grad_norm)
         if run.world_size > 1:  # one verdict for all ranks, so their weights never drift apart

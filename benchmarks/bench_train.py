@@ -195,6 +195,17 @@ def time_guard_alone(run: T.Run, batch: tuple, repeats: int = 50) -> float:
     return statistics.median(times)
 
 
+def time_snapshot(run: T.Run, repeats: int = 5) -> float:
+    """Median seconds of one rollback snapshot (T.take_snapshot: weights, optimizer, schedule, RNG to CPU)."""
+    times = []
+    for _ in range(repeats):
+        sync(run.device)
+        start = time.perf_counter()
+        T.take_snapshot(run)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def time_eval(run: T.Run, batches: list, repeats: int = 2) -> float:
     """Eval images/s of the real evaluate() on device-resident batches (no data loading), best of repeats."""
     data = [{"image": images, "mask": masks, "label": labels} for images, masks, labels in batches]
@@ -431,18 +442,21 @@ def measure(args: argparse.Namespace, cfg: Config, argv: list[str]) -> dict[str,
         times = time_interleaved(arms, batches, args.steps, args.warmup)
         matmul = measure_matmul_gflops(device)
         guard_s = time_guard_alone(base, batches[0])
+        snapshot_s = time_snapshot(base)
         ours = summarize_arm(base, infos["guarded"], times["guarded"], matmul)
         ours.update(peak_memory_mb=peak_mb,
                     unguarded_images_per_s=cfg.batch_size / statistics.median(times["unguarded"]),
                     guard_ratio=median_ratio(times["guarded"], times["unguarded"]),
                     guard_alone_ms=1000 * guard_s, guard_alone_fraction=guard_s / statistics.median(times["guarded"]),
+                    snapshot_ms=1000 * snapshot_s,
+                    snapshot_fraction=snapshot_s / cfg.snapshot_every / statistics.median(times["guarded"]),
                     eval_images_per_s=time_eval(base, batches[:args.eval_batches]))
         result: dict[str, Any] = {
             "command": " ".join(["python", "benchmarks/bench_train.py", *argv]),
             "machine": describe_machine(device),
             "settings": {"image_size": cfg.image_size, "batch_size": cfg.batch_size, "amp": cfg.amp,
                          "channels_last": cfg.channels_last, "compile": args.compile, "backbone": cfg.backbone,
-                         "width": cfg.width, "stream_channels": cfg.stream_channels,
+                         "width": cfg.width, "stream_channels": cfg.stream_channels, "snapshot_every": cfg.snapshot_every,
                          "decoder_channels": cfg.decoder_channels, "steps": args.steps, "warmup": args.warmup},
             "matmul_gflops": matmul, "peak_memory_kind": peak_kind, "ours": ours}
         if args.peer:
@@ -486,6 +500,9 @@ def format_table(result: dict[str, Any]) -> str:
             ("guard ratio: guarded / unguarded step time", ours["guard_ratio"], None),
             ("guard alone: ms per step", ours["guard_alone_ms"], None),
             ("guard alone: fraction of a step", ours["guard_alone_fraction"], None),
+            ("rollback snapshot: ms each", ours["snapshot_ms"], None),
+            (f"snapshot cost per step (every {result['settings'].get('snapshot_every', '?')} steps)",
+             ours["snapshot_fraction"], None),
             ("achieved train GFLOP/s (3 x fwd x img/s)", ours["achieved_train_gflops"],
              peer.get("achieved_train_gflops")),
             ("fp32 matmul GFLOP/s (this machine, now)", result["matmul_gflops"], None),

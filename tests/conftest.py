@@ -33,3 +33,14 @@ def make_run(tmp_path):
         return T.build_run(cfg, run_dir)
 
     return build
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_intra_op_thread():
+    """Tiny tensors: a second intra-op thread only adds waiting (up to 10x slower on a busy 2-core machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
