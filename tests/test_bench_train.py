@@ -25,7 +25,7 @@ def test_bench_train_reports_every_figure_as_a_finite_number(tmp_path):
     result = json.loads(out.read_text())
     ours = result["ours"]
     for key in ("params", "gflops_per_image", "peak_memory_mb", "train_images_per_s", "train_step_ms",
-                "unguarded_images_per_s", "guard_ratio", "guard_alone_ms", "guard_alone_fraction",
+                "unguarded_images_per_s", "guard_ratio", "guard_alone_ms", "guard_alone_fraction", "snapshot_ms",
                 "achieved_train_gflops", "fraction_of_matmul", "eval_images_per_s"):
         assert math.isfinite(ours[key]) and ours[key] > 0, f"ours.{key} = {ours[key]}"
     for value in (result["matmul_gflops"], result["loader"]["images_per_s"], result["loader"]["first_batch_s"]):
