@@ -59,7 +59,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config]:
     parser = argparse.ArgumentParser(
         prog="bench_train.py", allow_abbrev=False, description=__doc__.splitlines()[0],
         epilog="Any other flag is a training setting (see: python train_enhanced_adaptivestream.py --help).")
-    parser.add_argument("--steps", type=int, default=8, help="timed training steps per arm (default 8)")
+    parser.add_argument("--steps", type=int, default=16, help="timed training steps per arm (default 16)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per arm first (default 2)")
     parser.add_argument("--eval-batches", type=int, default=4, help="batches in the eval timing (default 4)")
     parser.add_argument("--loader-batches", type=int, default=12, help="batches read in a loader timing (default 12)")
@@ -171,6 +171,15 @@ def check_steps(name: str, stats: torch.Tensor) -> None:
 def median_ratio(a: list[float], b: list[float]) -> float:
     """Median over rounds of a[i] / b[i]: the steps of one round ran back to back under the same load."""
     return statistics.median(x / y for x, y in zip(a, b))
+
+
+def ratio_quartiles(a: list[float], b: list[float]) -> list[float]:
+    """First and third quartile of the per-round ratios a[i] / b[i]: the noise the median sits in."""
+    ratios = [x / y for x, y in zip(a, b)]
+    if len(ratios) < 2:
+        return [ratios[0], ratios[0]]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return [q1, q3]
 
 
 def time_guard_alone(run: T.Run, batch: tuple, repeats: int = 50) -> float:
@@ -447,6 +456,7 @@ def measure(args: argparse.Namespace, cfg: Config, argv: list[str]) -> dict[str,
         ours.update(peak_memory_mb=peak_mb,
                     unguarded_images_per_s=cfg.batch_size / statistics.median(times["unguarded"]),
                     guard_ratio=median_ratio(times["guarded"], times["unguarded"]),
+                    guard_ratio_quartiles=ratio_quartiles(times["guarded"], times["unguarded"]),
                     guard_alone_ms=1000 * guard_s, guard_alone_fraction=guard_s / statistics.median(times["guarded"]),
                     snapshot_ms=1000 * snapshot_s,
                     snapshot_fraction=snapshot_s / cfg.snapshot_every / statistics.median(times["guarded"]),
@@ -498,6 +508,7 @@ def format_table(result: dict[str, Any]) -> str:
              peer.get("train_images_per_s")),
             ("train images/s (unguarded)", ours["unguarded_images_per_s"], None),
             ("guard ratio: guarded / unguarded step time", ours["guard_ratio"], None),
+            ("  per-round quartiles of that ratio", "{:.3f}-{:.3f}".format(*ours["guard_ratio_quartiles"]), None),
             ("guard alone: ms per step", ours["guard_alone_ms"], None),
             ("guard alone: fraction of a step", ours["guard_alone_fraction"], None),
             ("rollback snapshot: ms each", ours["snapshot_ms"], None),

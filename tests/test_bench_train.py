@@ -30,6 +30,8 @@ def test_bench_train_reports_every_figure_as_a_finite_number(tmp_path):
         assert math.isfinite(ours[key]) and ours[key] > 0, f"ours.{key} = {ours[key]}"
     for value in (result["matmul_gflops"], result["loader"]["images_per_s"], result["loader"]["first_batch_s"]):
         assert math.isfinite(value) and value > 0
+    q1, q3 = ours["guard_ratio_quartiles"]
+    assert 0 < q1 <= q3 and math.isfinite(q3)
     assert ours["params"] == sum(p.numel() for p in T.build_model(load_config(TINY)).parameters())
     # 3 x forward FLOPs x images/s, by definition
     assert math.isclose(ours["achieved_train_gflops"], 3 * ours["gflops_per_image"] * ours["train_images_per_s"])
