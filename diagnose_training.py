@@ -183,10 +183,9 @@ AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def value_counts(tensor: torch.Tensor) -> Counter:
-    """value -> count of a CPU tensor. numpy: torch.unique took 100 ms per 224x224 mask on a busy 2-core machine."""
+    """value -> count of a tensor, through the training script's numpy counter (torch.unique is slow on CPU)."""
     tensor = tensor.detach().cpu()
-    values, counts = np.unique((tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy(),
-                               return_counts=True)
+    values, counts = T.value_counts((tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy())
     return Counter(dict(zip(values.tolist(), counts.tolist())))
 
 
@@ -485,10 +484,9 @@ def probe_run(model: nn.Module, loss_fn: nn.Module, cfg: Config, device: torch.d
     """A real Run (build_optimizer, guard) around model for train_step; constant LR = base_lr after warm-up."""
     optimizer = T.build_optimizer(cfg, model)
     scheduler = T.WarmupLRScheduler(optimizer, warmup, steps, cfg.min_lr, decay="constant")
-    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None  # as build_run makes it
     return T.Run(cfg=cfg, model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
                  guard=T.StepGuard(model, cfg, device), device=device, train_loader=None, val_loader=None,
-                 run_dir=Path("."), steps_per_epoch=steps, scaler=scaler)
+                 run_dir=Path("."), steps_per_epoch=steps, scaler=T.build_scaler(cfg, device))
 
 
 def check_update_ratio(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,

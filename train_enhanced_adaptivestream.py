@@ -198,7 +198,7 @@ class DataStats:
 
     def add(self, values: np.ndarray, counts: np.ndarray, label: int, ignore_index: int) -> None:
         """Count one valid sample (mask values already checked to be classes or ignore_index)."""
-        inside = values < len(self.pixel_counts)
+        inside = (values >= 0) & (values < len(self.pixel_counts))  # not a negative ignore_index
         np.add.at(self.pixel_counts, values[inside].astype(np.int64), counts[inside])
         self.ignored_pixels += int(counts[values == ignore_index].sum())
         self.label_counts[label] += 1
@@ -617,8 +617,11 @@ def check_datasets(cfg: Config, train: FileDataset, val: FileDataset) -> None:
         ds.bad = sorted(message for _, message in found[ds.split][0])
         if not ds.keep:
             raise DataError(f"the {ds.split} split is empty: all {ds.count()} of its samples are bad, e.g. {ds.bad[0]}")
-    log.info("checked %d samples in %.1fs: every image decoded; every mask read (PNG, one channel or color_map, "
-             "image's size, values); every label in range", train.count() + val.count(), time.perf_counter() - start)
+    dropped = len(problems)
+    log.info("checked %d samples in %.1fs: %s", train.count() + val.count(), time.perf_counter() - start,
+             f"{dropped} bad sample(s) dropped (--skip-bad-samples), listed in bad_samples.txt; the rest are good"
+             if dropped else "every image decoded; every mask read (PNG, one channel or color_map, image's size, "
+             "values); every label in range")
 
 
 class _ExactMaskResampling:
@@ -1098,6 +1101,11 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.base_lr, fused=True)
 
 
+def build_scaler(cfg: Config, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling; bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+
+
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> WarmupLRScheduler:
     return WarmupLRScheduler(optimizer, warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
                              total_steps=cfg.epochs * steps_per_epoch, min_lr=cfg.min_lr, decay=cfg.lr_decay,
@@ -1162,6 +1170,9 @@ class StepGuard:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state["history"].shape == self.history.shape:
             self.history.copy_(state["history"])
+        else:
+            log.info("spike_window changed (%d saved, %d now): the spike medians start again",
+                     state["history"].shape[1], self.history.shape[1])
         self.accepted.copy_(state["accepted"])
 
 
@@ -1178,7 +1189,7 @@ def save_bad_batch(path: Path, batch: dict[str, Any], *, step: int, epoch: int, 
     (off|bf16|fp16), model (state dict) with weights_step (the step those weights are from: the guard
     decides on the device, so the batch is written at the next log interval, a few steps later), config.
     """
-    model = model.module if hasattr(model, "module") else model
+    model = unwrap(model)
     payload = {"format": BAD_BATCH_FORMAT, "images": batch["image"].detach().float().cpu(),
                "masks": torch.as_tensor(batch["mask"]).long().cpu(), "labels": torch.as_tensor(batch["label"]).long().cpu(),
                "ids": [str(i) for i in batch["id"]], "step": step, "epoch": epoch, "reason": reason,
@@ -1671,8 +1682,8 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: StableLoss, cfg: Con
             seg_logits, cls_logits = model(images)
         loss, parts = loss_fn(seg_logits, cls_logits, masks, labels)
         n = images.shape[0]
-        sums += torch.stack([loss.detach() * n, parts["seg"] * n, parts["cls"] * n,
-                             torch.tensor(n, device=device)]).double()
+        sums[:3] += torch.stack([loss.detach(), parts["seg"], parts["cls"]]).double() * n
+        sums[3] += n
         seg_cm += confusion_matrix(seg_logits.argmax(1), masks, cfg.num_seg_classes, cfg.ignore_index)
         cls_cm += confusion_matrix(cls_logits.argmax(1), labels, cfg.num_cls_classes)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -1867,7 +1878,7 @@ def draw_prediction_grid(model: nn.Module, dataset: Dataset, names: dict[str, li
                          device: torch.device, title: str) -> torch.Tensor:
     """uint8 [3, H, W]: for each of the first `count` samples, image | truth overlay | prediction overlay,
     with the true and predicted class and its confidence under it; two images per row; legend on top."""
-    model = model.module if hasattr(model, "module") else model  # rank 0 alone: no DDP collectives
+    model = unwrap(model)  # rank 0 alone: no DDP collectives
     samples = [dataset[i] for i in range(min(count, len(dataset)))]
     images = torch.stack([s["image"] for s in samples])  # [N, 3, H, W], normalised as in training
     masks = torch.stack([torch.as_tensor(s["mask"]) for s in samples]).long()  # [N, H, W]
@@ -2082,10 +2093,9 @@ def list_images(path: Path) -> list[Path]:
 def read_image(path: Path) -> torch.Tensor | None:
     """uint8 RGB [3, H, W], or None (logged with the file name) if the file is not a readable image."""
     try:
-        with Image.open(path) as image:
-            return pil_to_tensor(image.convert("RGB"))  # convert() decodes: a truncated file fails here
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        log.error("cannot read %s (%s: %s); skipped", path, type(err).__name__, err)
+        return pil_to_tensor(open_image(path))
+    except DataError as err:
+        log.error("%s; skipped", err)
         return None
 
 
@@ -2095,7 +2105,7 @@ def predict_image(model: nn.Module, transform: v2.Transform, image: torch.Tensor
     """Class-index mask [H, W] at the image's own size, predicted class and its softmax probability."""
     x = transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)[None].to(device)  # [1, 3, S, S]
     seg_logits, cls_logits = model(x)
-    # The model saw the image at the training size, as in validation. Back at the original size the
+    # The model sees the whole image at the training size. Back at the original size the
     # logits are interpolated (bilinear) and then argmax'ed, as torchvision's segmentation models do:
     # smoother edges than nearest on the argmax, and no invented class (interpolating indices would).
     seg_logits = F.interpolate(seg_logits.float(), size=tuple(image.shape[-2:]), mode="bilinear",
@@ -2198,10 +2208,9 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     optimizer = build_optimizer(cfg, unwrap(model))
     steps_per_epoch = len(train_loader)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     return Run(cfg=cfg, model=model, loss_fn=build_loss(cfg).to(device), optimizer=optimizer, scheduler=scheduler,
                guard=guard, device=device, train_loader=train_loader, val_loader=val_loader, run_dir=run_dir,
-               steps_per_epoch=steps_per_epoch, scaler=scaler, rank=rank, world_size=world_size)
+               steps_per_epoch=steps_per_epoch, scaler=build_scaler(cfg, device), rank=rank, world_size=world_size)
 
 
 def resume_path(cfg: Config, run_dir: Path) -> Path | None:

@@ -36,3 +36,11 @@ def test_bench_train_reports_every_figure_as_a_finite_number(tmp_path):
     # 3 x forward FLOPs x images/s, by definition
     assert math.isclose(ours["achieved_train_gflops"], 3 * ours["gflops_per_image"] * ours["train_images_per_s"])
     assert result["settings"]["image_size"] == 32 and result["loader"]["dataset"] == "synthetic"
+
+
+def test_bench_train_refuses_to_time_skipped_steps(capsys):
+    # Every step is skipped when the threshold is below any real gradient norm: no timing is reported.
+    argv = TINY + ["--steps", "2", "--warmup", "1", "--skip-grad-norm", "1e-9"]
+    assert load_bench().main(argv) == 1
+    err = capsys.readouterr().err
+    assert "gradient explosion" in err and "would not be of real training steps" in err

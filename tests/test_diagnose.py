@@ -20,18 +20,8 @@ CPU = torch.device("cpu")
 HEALTHY = TINY + ["--width", "8", "--decoder-channels", "16", "--stream-channels", "32"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Intra-op threads only add overhead on 32x32 tensors; on a shared 2-core machine they made these tests
-    up to 10x slower (waiting for a descheduled thread). Results do not depend on it; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def healthy_run(tmp_path_factory, one_thread):
+def healthy_run(tmp_path_factory):
     """A real tiny training run: its folder (metrics.csv, steps.jsonl, train.log, config.yaml, last.pt)."""
     run = tmp_path_factory.mktemp("healthy") / "run"
     assert T.main(HEALTHY + ["--out-dir", str(run), "--bn-recalibrate", "2", "--epochs", "4", "--base-lr", "3e-3"]) == 0

@@ -200,7 +200,7 @@ def test_predict_names_an_unreadable_image_skips_it_and_exits_2(trained, tmp_pat
                    "--device", "cpu"])
     assert code == 2
     err = capsys.readouterr().err
-    assert f"cannot read {images / 'broken.png'}" in err and "could not be read and were skipped: broken.png" in err
+    assert f"{images / 'broken.png'}: cannot read the image" in err and "could not be read and were skipped: broken.png" in err
     with open(out / "predictions.csv", newline="") as handle:
         assert [row["file"] for row in csv.DictReader(handle)] == [str(images / "good.png")]
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["good.png"]
