@@ -411,3 +411,10 @@ def test_class_weight_setting_accepts_auto_and_rejects_other_words():
         load_config(["--label-regex", "[0-9]+"])
     with pytest.raises(ConfigError, match="color_map: key 'red' is not a colour"):
         load_config(["--color-map", "{red: 1}"])
+
+
+def test_a_negative_ignore_index_is_counted_as_ignored_not_as_the_last_class():
+    cfg = load_config(TINY + ["--ignore-index", "-1", "--num-seg-classes", "3"])
+    stats = T.DataStats.empty(cfg)
+    stats.add(np.array([-1, 0, 2]), np.array([5, 7, 11]), label=0, ignore_index=-1)
+    assert stats.pixel_counts.tolist() == [7, 0, 11] and stats.ignored_pixels == 5
