@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 
 import config
 import train_enhanced_adaptivestream as T
+from data import DataError, build_datasets, build_loaders, value_counts
 from config import Config, ConfigError, load_config
 
 # ---- Thresholds (every numeric rule of the report) ----
@@ -182,10 +183,10 @@ def autocast_for(dtype: torch.dtype | None, device: torch.device):
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def value_counts(tensor: torch.Tensor) -> Counter:
+def count_values(tensor: torch.Tensor) -> Counter:
     """value -> count of a tensor, through the training script's numpy counter (torch.unique is slow on CPU)."""
     tensor = tensor.detach().cpu()
-    values, counts = T.value_counts((tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy())
+    values, counts = value_counts((tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy())
     return Counter(dict(zip(values.tolist(), counts.tolist())))
 
 
@@ -255,7 +256,7 @@ def scan_dataset(dataset: Dataset, limit: int | None) -> DataScan:
         scan.scanned += 1
         try:
             sample = dataset[index]
-        except (T.DataError, OSError) as err:  # OSError: a truncated file the dataset did not wrap
+        except (DataError, OSError) as err:  # OSError: a truncated file the dataset did not wrap
             scan.errors.append(f"sample {index}: {err}")
             continue
         image, mask, sid = sample["image"], torch.as_tensor(sample["mask"]), sample.get("id", index)
@@ -263,7 +264,7 @@ def scan_dataset(dataset: Dataset, limit: int | None) -> DataScan:
             scan.bad_shapes.append(f"{sid}: image {tuple(image.shape)} mask {tuple(mask.shape)}")
         if mask.is_floating_point():
             scan.float_masks += 1
-        scan.mask_values.update(value_counts(mask))
+        scan.mask_values.update(count_values(mask))
         scan.labels[int(sample["label"])] += 1
         if image.is_floating_point() and not np.isfinite(image.detach().float().cpu().numpy()).all():
             scan.nonfinite_images.append(str(sid))
@@ -354,7 +355,7 @@ def check_batch(batch: dict[str, Any], cfg: Config, prefix: str = "batch") -> li
     checks.append(judge(f"{prefix}.shapes", shape_ok, f"images {tuple(images.shape)}, masks {tuple(masks.shape)}",
                         "masks [B, H, W] of images [B, 3, H, W]", "a mask with a channel axis is an RGB or "
                         "[1, H, W] mask: squeeze it or map colours to class indices", "data"))
-    checks.append(judge_mask_values(f"{prefix}.mask_values", value_counts(masks), cfg, int(masks.is_floating_point())))
+    checks.append(judge_mask_values(f"{prefix}.mask_values", count_values(masks), cfg, int(masks.is_floating_point())))
     bad = sorted(set(labels.tolist()) - set(range(cfg.num_cls_classes)))
     checks.append(judge(f"{prefix}.label_range", not bad, f"labels {show_values(set(labels.tolist()))}",
                         f"in [0, {cfg.num_cls_classes})", f"labels {bad} are out of range: fix the label source "
@@ -825,16 +826,10 @@ def check_batchnorm(model: nn.Module, batches: list[tuple[torch.Tensor, ...]], l
 # ---- 12. Checkpoint ----
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The raw payload (load_checkpoint refuses non-finite weights, which this check must name)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--checkpoint: {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, pickle error, foreign file: all mean "cannot read it", exit 2
-        raise UsageError(f"--checkpoint: {path} cannot be read ({type(err).__name__}: {err})") from None
-    if not isinstance(payload, dict) or payload.get("format") != T.CHECKPOINT_FORMAT or "model" not in payload:
-        raise UsageError(f"--checkpoint: {path} is not an AdaptiveStream checkpoint (no {T.CHECKPOINT_FORMAT!r} tag)")
-    return payload
+        return T.read_tagged(path, T.CHECKPOINT_FORMAT, "checkpoint", UsageError)
+    except UsageError as err:
+        raise UsageError(f"--checkpoint: {err}") from None
 
 
 def check_checkpoint(payload: dict[str, Any], path: str | Path, cfg: Config) -> tuple[list[Check], bool]:
@@ -1027,7 +1022,7 @@ def check_run_metrics(rows: list[dict[str, str]], min_lr: float) -> list[Check]:
 def read_bad_batch(path: str | Path) -> dict[str, Any]:
     try:
         return T.load_bad_batch(path)
-    except T.DataError as err:
+    except DataError as err:
         raise UsageError(f"--batch: {err}") from None
 
 
@@ -1170,14 +1165,14 @@ class Setup:
 
 def build_setup(cfg: Config, device: torch.device) -> Setup:
     try:
-        train_ds, val_ds = T.build_datasets(cfg)
-    except T.DataError as err:
+        train_ds, val_ds = build_datasets(cfg)
+    except DataError as err:
         return Setup(error=f"build_datasets: {err}")
     setup = Setup(splits={"train": train_ds, "val": val_ds})
     try:
-        setup.loader, _ = T.build_loaders(cfg, train_ds, val_ds, device)
+        setup.loader, _ = build_loaders(cfg, train_ds, val_ds, device)
         setup.batch = next(iter(setup.loader))
-    except (T.DataError, OSError) as err:
+    except (DataError, OSError) as err:
         setup.error = str(err)
     return setup
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import train_enhanced_adaptivestream as T
+from data import build_datasets, build_loaders
 from config import load_config
 
 TINY = ["--image-size", "64", "--synthetic-train-size", "64", "--synthetic-val-size", "16", "--batch-size", "8",
@@ -44,8 +45,8 @@ def run_checks(device: str, out_dir: Path) -> list[tuple[str, bool, str]]:
     payload = T.load_checkpoint(out_dir / "last.pt", cfg)
     model = T.build_model(cfg).to(T.resolve_device(device))
     model.load_state_dict(payload["model"])
-    _, val_ds = T.build_datasets(cfg)
-    _, val_loader = T.build_loaders(cfg, val_ds, val_ds, T.resolve_device(device))
+    _, val_ds = build_datasets(cfg)
+    _, val_loader = build_loaders(cfg, val_ds, val_ds, T.resolve_device(device))
     val = T.evaluate(model, val_loader, T.build_loss(cfg).to(T.resolve_device(device)), cfg, T.resolve_device(device))
     logged = float(rows[-1]["val_miou"])
     checks.append(("reloaded checkpoint reproduces val mIoU", math.isclose(val["val_miou"], logged, abs_tol=1e-5),

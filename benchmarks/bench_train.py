@@ -40,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_enhanced_adaptivestream as T  # noqa: E402
+from data import DataError, SyntheticShapes, build_datasets, build_loaders  # noqa: E402
 from config import Config, ConfigError, load_config  # noqa: E402
 
 PEER_INSTALL = ("pip install --target /path/to/peer-pkgs --no-deps segmentation-models-pytorch timm "
@@ -238,8 +239,8 @@ def time_loader(cfg: Config, device: torch.device, batches: int) -> dict[str, fl
 
     The first batch includes worker start-up and is reported apart; the rate is over the rest.
     """
-    train_ds, val_ds = T.build_datasets(cfg)
-    loader, _ = T.build_loaders(cfg, train_ds, val_ds, device)
+    train_ds, val_ds = build_datasets(cfg)
+    loader, _ = build_loaders(cfg, train_ds, val_ds, device)
     batches = min(batches, len(loader))
     start = time.perf_counter()
     iterator = iter(loader)
@@ -325,7 +326,7 @@ def write_folder_fixture(root: Path, count: int, cfg: Config, size: int = 224) -
     root/masks/<stem>.png (one class index per pixel) and root/labels.csv (filename,label)."""
     from PIL import Image
 
-    shapes = T.SyntheticShapes(count, size, cfg.num_seg_classes, cfg.num_cls_classes, cfg.seed, "train")
+    shapes = SyntheticShapes(count, size, cfg.num_seg_classes, cfg.num_cls_classes, cfg.seed, "train")
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     rows = ["filename,label"]
@@ -347,8 +348,8 @@ def prepare_folder_fixture(root: Path, cfg: Config, count: int) -> Config:
     write_folder_fixture(root, count, cfg)
     folder_cfg = Config(**{**cfg.to_dict(), "dataset": "folder", "data_root": str(root), "num_workers": 2})
     try:
-        T.build_datasets(folder_cfg)
-    except T.DataError as err:
+        build_datasets(folder_cfg)
+    except DataError as err:
         raise BenchError(f"--folder-fixture: the folder dataset rejected the fixture written to {root}: "
                          f"{err}") from None
     return folder_cfg
@@ -544,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, cfg = parse_args(argv)
         result = measure(args, cfg, argv)
-    except (ConfigError, T.DataError, BenchError) as err:
+    except (ConfigError, DataError, BenchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except BenchFailed as err:

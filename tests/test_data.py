@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 import train_enhanced_adaptivestream as T
+from data import DataError, DataStats, IMAGENET_MEAN, IMAGENET_STD, build_datasets, build_loaders, report_data, resolve_data_settings
 from config import ConfigError, load_config
 from conftest import TINY
 from fake_data import HEIGHT, PET_BREEDS, WIDTH, face_image, make_oxford_pet, make_utkface_folder
@@ -56,7 +57,7 @@ def write_labels_csv(root: Path, rows: list[tuple[str, str]]) -> None:
 
 # ---- folder dataset ----
 def test_folder_dataset_reads_utkface_names_mask_suffix_and_group_labels(utk):
-    train, val = T.build_datasets(folder_cfg(utk))
+    train, val = build_datasets(folder_cfg(utk))
     assert (len(train), len(val)) == (8, 2)  # round(10 x val_fraction 0.2) held out
     ids = [train[i]["id"] for i in range(len(train))] + [val[i]["id"] for i in range(len(val))]
     assert sorted(ids) == sorted(str(p) for p in (utk / "images").iterdir())
@@ -71,7 +72,7 @@ def test_folder_dataset_reads_utkface_names_mask_suffix_and_group_labels(utk):
 
 
 def test_folder_read_returns_the_files_exact_pixels(utk):
-    train, _ = T.build_datasets(folder_cfg(utk))
+    train, _ = build_datasets(folder_cfg(utk))
     image, mask, label = train.read(0)
     i = int(Path(train.path(0)).stem.split("_")[3][-4:])  # the generator's index is in the date field
     expected_image, expected_mask = face_image(i, label)
@@ -80,14 +81,14 @@ def test_folder_read_returns_the_files_exact_pixels(utk):
 
 
 def test_hash_split_is_the_same_on_every_run_whatever_the_seed_and_splits_files_override_it(utk):
-    first = T.build_datasets(folder_cfg(utk))
-    again = T.build_datasets(folder_cfg(utk, "--seed", "7"))
+    first = build_datasets(folder_cfg(utk))
+    again = build_datasets(folder_cfg(utk, "--seed", "7"))
     assert [d.split_names for d in first] == [d.split_names for d in again]
     names = sorted(p.name for p in (utk / "images").iterdir())
     (utk / "splits").mkdir()
     (utk / "splits" / "train.txt").write_text("\n".join(names[:6]) + "\n")
     (utk / "splits" / "val.txt").write_text("\n".join(Path(n).stem for n in names[6:9]) + "\n")  # stems work too
-    train, val = T.build_datasets(folder_cfg(utk))
+    train, val = build_datasets(folder_cfg(utk))
     assert train.split_names == names[:6] and val.split_names == names[6:9]
 
 
@@ -98,7 +99,7 @@ def test_labels_csv_takes_class_names_and_integers(utk):
     cfg = load_config(TINY + ["--dataset", "folder", "--data-root", str(utk), "--mask-suffix", "_mask",
                               "--num-seg-classes", "2", "--num-cls-classes", "5",
                               "--cls-class-names", "white,black,asian,indian,others"])
-    train, val = T.build_datasets(cfg)
+    train, val = build_datasets(cfg)
     got = {Path(ds.path(i)).name: ds.read(i)[2] for ds in (train, val) for i in range(ds.count())}
     assert got == {n: k % 5 for k, n in enumerate(names)}
 
@@ -118,7 +119,7 @@ def test_colour_masks_map_through_color_map(tmp_path):
         expected[mask_path] = classes
     (root / "cfg.yaml").write_text(yaml.safe_dump(
         {"color_map": {"0,0,0": 0, "#fa1414": "face", "255,255,255": 255}, "seg_class_names": ["background", "face"]}))
-    train, val = T.build_datasets(folder_cfg(root, "--config", str(root / "cfg.yaml")))
+    train, val = build_datasets(folder_cfg(root, "--config", str(root / "cfg.yaml")))
     for ds in (train, val):
         for i in range(ds.count()):
             assert np.array_equal(ds.read(i)[1], expected[Path(ds.mask_path(i))])
@@ -135,8 +136,8 @@ def test_train_transform_moves_image_and_mask_together_with_nearest_masks(tmp_pa
         Image.fromarray((blocks * 3).astype(np.uint8)).save(root / "masks" / f"s{k}.png")
     write_labels_csv(root, [(f"s{k}.png", "0") for k in range(3)])
     cfg = load_config(TINY + ["--dataset", "folder", "--data-root", str(root), "--num-seg-classes", "4"])
-    train, val = T.build_datasets(cfg)
-    mean, std = torch.tensor(T.IMAGENET_MEAN)[:, None, None], torch.tensor(T.IMAGENET_STD)[:, None, None]
+    train, val = build_datasets(cfg)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
 
     def agreement(sample: dict) -> float:
         """Share of pixels where the thresholded image and the mask agree."""
@@ -263,8 +264,8 @@ def test_bad_data_stops_at_start_up_naming_the_file(utk, corrupt):
     images = sorted((utk / "images").iterdir())
     masks = [utk / "masks" / f"{p.stem}_mask.png" for p in images]
     offending, problem, extra = corrupt(utk, images, masks)
-    with pytest.raises(T.DataError) as err:
-        T.build_datasets(folder_cfg(utk, *extra))
+    with pytest.raises(DataError) as err:
+        build_datasets(folder_cfg(utk, *extra))
     message = str(err.value)
     assert str(offending) in message and problem in message, message
 
@@ -272,8 +273,8 @@ def test_bad_data_stops_at_start_up_naming_the_file(utk, corrupt):
 def test_empty_dataset_names_the_images_folder(utk):
     for path in (utk / "images").iterdir():
         path.unlink()
-    with pytest.raises(T.DataError, match=f"{re.escape(str(utk / 'images'))} holds no images"):
-        T.build_datasets(folder_cfg(utk))
+    with pytest.raises(DataError, match=f"{re.escape(str(utk / 'images'))} holds no images"):
+        build_datasets(folder_cfg(utk))
 
 
 def test_main_exits_2_listing_every_bad_file(utk, tmp_path, capsys):
@@ -309,7 +310,7 @@ def test_main_trains_on_a_utkface_folder_skipping_and_recording_a_bad_file(utk, 
     weights = payload["config"]["seg_class_weights"]
     assert isinstance(weights, list) and len(weights) == 2 and weights[1] > weights[0] > 0  # the face is rarer
     assert payload["class_names"]["seg"] == ["background", "face"]
-    assert payload["normalization"] == {"mean": list(T.IMAGENET_MEAN), "std": list(T.IMAGENET_STD)}
+    assert payload["normalization"] == {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 
 
 def test_main_trains_on_the_oxford_pet_fixture_through_torchvision(tmp_path):
@@ -327,10 +328,10 @@ def test_main_trains_on_the_oxford_pet_fixture_through_torchvision(tmp_path):
 # ---- Oxford-IIIT Pet ----
 def test_oxford_pet_maps_trimaps_to_background_pet_ignore_and_reads_both_targets(tmp_path):
     root = make_oxford_pet(tmp_path / "pets")
-    train, val = T.build_datasets(load_config(TINY + PET + ["--data-root", str(root)]))
+    train, val = build_datasets(load_config(TINY + PET + ["--data-root", str(root)]))
     assert (train.count(), val.count()) == (12, 4)
     by_prefix = {prefix: (class_id, species) for prefix, class_id, species, _ in PET_BREEDS}
-    species_train, _ = T.build_datasets(load_config(TINY + PET[:-1] + ["2", "--pet-target", "species",
+    species_train, _ = build_datasets(load_config(TINY + PET[:-1] + ["2", "--pet-target", "species",
                                                                        "--data-root", str(root)]))
     for i in range(train.count()):
         path = Path(train.path(i))
@@ -344,8 +345,8 @@ def test_oxford_pet_maps_trimaps_to_background_pet_ignore_and_reads_both_targets
 
 
 def test_oxford_pet_without_files_names_the_folder_and_does_not_download(tmp_path):
-    with pytest.raises(T.DataError, match=re.escape(str(tmp_path / "oxford-iiit-pet")) + ".*Dataset not found"):
-        T.build_datasets(load_config(TINY + PET + ["--data-root", str(tmp_path)]))
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "oxford-iiit-pet")) + ".*Dataset not found"):
+        build_datasets(load_config(TINY + PET + ["--data-root", str(tmp_path)]))
 
 
 def test_oxford_pet_config_needs_its_class_counts():
@@ -357,11 +358,11 @@ def test_oxford_pet_config_needs_its_class_counts():
 # ---- summary, class weights, loaders ----
 def test_auto_class_weights_are_inverse_frequency_of_the_training_split(utk, records):
     cfg = folder_cfg(utk, "--seg-class-weights", "auto", "--cls-class-weights", "auto")
-    train, _ = T.build_datasets(cfg)
+    train, _ = build_datasets(cfg)
     pixels = sum(np.bincount(np.array(Image.open(train.mask_path(i))).ravel(), minlength=2)
                  for i in range(train.count()))
     labels = np.bincount([int(Path(train.path(i)).name.split("_")[2]) for i in range(train.count())], minlength=5)
-    T.resolve_data_settings(cfg, train)
+    resolve_data_settings(cfg, train)
     assert cfg.seg_class_weights == pytest.approx(list(pixels.sum() / (2 * pixels)), rel=1e-12)
     present = labels > 0
     expected = np.where(present, labels.sum() / (present.sum() * np.maximum(labels, 1)), 0.0)
@@ -376,8 +377,8 @@ def test_summary_warns_when_one_class_holds_over_95_percent(utk, tmp_path, recor
         mask[:5, :5] = 1  # 25 of 1755 pixels: 98.6% background
         Image.fromarray(mask).save(path)
     cfg = folder_cfg(utk)
-    train, val = T.build_datasets(cfg)
-    T.report_data(cfg, train, val, tmp_path)
+    train, val = build_datasets(cfg)
+    report_data(cfg, train, val, tmp_path)
     warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "seg0 holds 98.6% of the training mask pixels" in warnings[0]
     assert "--seg-class-weights auto" in warnings[0]
@@ -387,9 +388,9 @@ def test_loaders_with_workers_give_the_same_batches_on_every_run(utk):
     cfg = folder_cfg(utk, "--num-workers", "2")
     batches = []
     for _ in range(2):
-        train, val = T.build_datasets(cfg)
+        train, val = build_datasets(cfg)
         torch.manual_seed(cfg.seed)
-        loader, _ = T.build_loaders(cfg, train, val, torch.device("cpu"))
+        loader, _ = build_loaders(cfg, train, val, torch.device("cpu"))
         assert loader.persistent_workers and not loader.pin_memory and loader.num_workers == 2
         batches.append(next(iter(loader)))
     assert batches[0]["id"] == batches[1]["id"]
@@ -399,7 +400,7 @@ def test_loaders_with_workers_give_the_same_batches_on_every_run(utk):
 def test_synthetic_stays_the_default_and_deterministic():
     cfg = load_config(TINY)
     assert cfg.dataset == "synthetic"
-    first, second = T.build_datasets(cfg)[0], T.build_datasets(cfg)[0]
+    first, second = build_datasets(cfg)[0], build_datasets(cfg)[0]
     assert all(torch.equal(a, b) for a, b in zip(first.sample(3)[:2], second.sample(3)[:2]))
 
 
@@ -415,6 +416,6 @@ def test_class_weight_setting_accepts_auto_and_rejects_other_words():
 
 def test_a_negative_ignore_index_is_counted_as_ignored_not_as_the_last_class():
     cfg = load_config(TINY + ["--ignore-index", "-1", "--num-seg-classes", "3"])
-    stats = T.DataStats.empty(cfg)
+    stats = DataStats.empty(cfg)
     stats.add(np.array([-1, 0, 2]), np.array([5, 7, 11]), label=0, ignore_index=-1)
     assert stats.pixel_counts.tolist() == [7, 0, 11] and stats.ignored_pixels == 5

@@ -10,6 +10,7 @@ from torch import nn
 
 import diagnose_training as D
 import train_enhanced_adaptivestream as T
+from data import DataError
 from config import load_config
 from conftest import TINY
 
@@ -81,7 +82,7 @@ def test_cli_with_a_nan_checkpoint_exits_1_and_ranks_the_weights_first(healthy_r
 
 @pytest.mark.parametrize("extra, message", [
     (["--bacth-size", "4"], "unknown flag --bacth-size"),
-    (["--checkpoint", "missing.pt"], "--checkpoint: missing.pt does not exist"),
+    (["--checkpoint", "missing.pt"], "--checkpoint: checkpoint missing.pt does not exist"),
     (["--run", "no_such_folder"], "--run: no_such_folder is not a folder"),
     (["--batch", "notes.txt"], "--batch: bad-batch file notes.txt cannot be read"),
     (["--json", "no/such/dir/r.json"], "--json: folder no/such/dir does not exist"),
@@ -141,7 +142,7 @@ class BinaryMasks(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         if index == 1:
-            raise T.DataError("image data/images/b.jpg is truncated")
+            raise DataError("image data/images/b.jpg is truncated")
         mask = torch.zeros(8, 8, dtype=torch.uint8)
         mask[2:6, 2:6] = 255
         return {"image": torch.randn(3, 8, 8), "mask": mask, "label": 0, "id": f"data/images/{index}.jpg"}

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train_enhanced_adaptivestream as T
+from data import build_datasets, build_loaders
 from config import load_config
 from conftest import ROOT, TINY
 
@@ -41,8 +42,8 @@ def test_two_processes_agree_and_their_metrics_equal_a_one_process_evaluation(tm
     cfg = load_config(ARGS + ["--out-dir", str(run_dir)])
     model = T.build_model(cfg)
     model.load_state_dict(T.load_checkpoint(run_dir / "last.pt", cfg)["model"])
-    train_ds, val_ds = T.build_datasets(cfg)
-    _, val_loader = T.build_loaders(cfg, train_ds, val_ds, torch.device("cpu"))
+    train_ds, val_ds = build_datasets(cfg)
+    _, val_loader = build_loaders(cfg, train_ds, val_ds, torch.device("cpu"))
     single = T.evaluate(model, val_loader, T.build_loss(cfg), cfg, torch.device("cpu"))
     assert int(single["seg_cm"].sum()) == 7 * 32 * 32  # every val pixel once, no padding duplicates
     for key in ("val_miou", "val_pixel_acc", "val_cls_acc", "val_loss"):

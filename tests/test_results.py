@@ -17,10 +17,14 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 import train_enhanced_adaptivestream as T
+from data import DataError, IMAGENET_MEAN, IMAGENET_STD, build_datasets
+import results
+from results import CAPTION_HEIGHT, LINE_HEIGHT, ResultsRecorder, VIS_PAD, denormalize, seg_palette
 from config import ConfigError, load_config
 from conftest import TINY
 
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 @pytest.fixture(scope="module")
@@ -44,21 +48,21 @@ def test_grid_is_written_every_vis_every_epochs_with_image_truth_and_prediction_
         grid = np.array(picture)
     # 32 px val images are shown 4x (>= VIS_MIN_PANEL); a tile is 3 panels + caption; 2 tiles per row,
     # 3 samples -> 2 rows; the legend strip above holds a title line and one line of 4 classes.
-    pad, panel = T.VIS_PAD, 32 * 4
-    tile_w, tile_h = 3 * (panel + pad) + pad, panel + 2 * pad + T.CAPTION_HEIGHT
-    legend_h = 2 * T.LINE_HEIGHT + 2 * pad
+    pad, panel = VIS_PAD, 32 * 4
+    tile_w, tile_h = 3 * (panel + pad) + pad, panel + 2 * pad + CAPTION_HEIGHT
+    legend_h = 2 * LINE_HEIGHT + 2 * pad
     assert grid.shape == (legend_h + 2 * (tile_h + pad) + pad, 2 * (tile_w + pad) + pad, 3)
 
     cfg = load_config(TINY)
-    _, val_ds = T.build_datasets(cfg)
+    _, val_ds = build_datasets(cfg)
     sample = val_ds[0]
-    image = T.denormalize(sample["image"], T.IMAGENET_MEAN, T.IMAGENET_STD).permute(1, 2, 0).numpy()
+    image = denormalize(sample["image"], IMAGENET_MEAN, IMAGENET_STD).permute(1, 2, 0).numpy()
     top, left = legend_h + 2 * pad, 2 * pad  # first tile: make_grid's padding, then its own
     shown = grid[top:top + panel:4, left:left + panel:4]
     np.testing.assert_array_equal(shown, image)  # panel 1: the image itself
     truth = grid[top:top + panel:4, left + panel + pad:left + 2 * panel + pad:4].astype(int)
     mask = sample["mask"].numpy()
-    palette = np.array(T.seg_palette(cfg.num_seg_classes))
+    palette = np.array(seg_palette(cfg.num_seg_classes))
     painted = mask > 0
     assert painted.any() and (~painted).any()
     expected = (image[painted] * 0.5 + palette[mask[painted]] * 0.5).astype(int)  # 50% class colour
@@ -66,10 +70,11 @@ def test_grid_is_written_every_vis_every_epochs_with_image_truth_and_prediction_
     np.testing.assert_array_equal(truth[~painted], image[~painted])  # background is not painted
 
 
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is an optional extra (pip install matplotlib)")
 def test_curves_png_is_redrawn_from_metrics_csv(trained):
     with Image.open(trained / "curves.png") as picture:
         assert picture.format == "PNG"
-        assert picture.size == (T.CURVES_INCHES[0] * T.CURVES_DPI, T.CURVES_INCHES[1] * T.CURVES_DPI)
+        assert picture.size == (results.CURVES_INCHES[0] * results.CURVES_DPI, results.CURVES_INCHES[1] * results.CURVES_DPI)
     assert (trained / "curves.png").stat().st_mtime >= (trained / "metrics.csv").stat().st_mtime
 
 
@@ -79,7 +84,7 @@ def test_curves_are_off_with_one_message_when_matplotlib_is_missing(make_run, mo
     caplog.set_level(logging.INFO, logger="adaptivestream")
     T.log.addHandler(caplog.handler)
     try:
-        recorder = T.ResultsRecorder(run)
+        recorder = ResultsRecorder(run.cfg, run.run_dir, run.model, run.val_loader.dataset, run.device)
         for epoch in (1, 2):
             T.write_metrics_row(run.run_dir / "metrics.csv", {"epoch": epoch, "lr": 1e-3, "val_miou": 0.5})
             recorder.record_epoch(epoch, {"epoch": epoch})
@@ -207,11 +212,11 @@ def test_predict_names_an_unreadable_image_skips_it_and_exits_2(trained, tmp_pat
 
 
 def test_predict_refuses_a_missing_path_and_clashing_stems(tmp_path):
-    with pytest.raises(T.DataError, match="nothing-here does not exist"):
+    with pytest.raises(DataError, match="nothing-here does not exist"):
         T.list_images(tmp_path / "nothing-here")
     for name in ("a.png", "a.jpg"):
         Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / name)
-    with pytest.raises(T.DataError, match="a.jpg and a.png would both write masks/a.png"):
+    with pytest.raises(DataError, match="a.jpg and a.png would both write masks/a.png"):
         T.list_images(tmp_path)
 
 

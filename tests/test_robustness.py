@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train_enhanced_adaptivestream as T
+from data import build_datasets
 from conftest import ROOT
 
 
@@ -27,7 +28,7 @@ def metrics(run_dir):
 
 def poison_sample(monkeypatch, index):
     """Make training sample `index` an image with a NaN pixel, on the CPU side like real bad data."""
-    original = T.build_datasets
+    original = build_datasets
 
     def build(cfg):
         train, val = original(cfg)

@@ -8,6 +8,7 @@ import torch
 import yaml
 
 import train_enhanced_adaptivestream as T
+from data import IMAGENET_MEAN
 from conftest import TINY
 
 
@@ -24,7 +25,7 @@ def test_main_trains_and_writes_the_run_folder(tiny_args, tmp_path):
     assert saved["image_size"] == 32 and saved["out_dir"] == str(run)
     payload = T.load_checkpoint(run / "last.pt")
     assert payload["state"]["epoch"] == 2 and payload["state"]["step"] == 8
-    assert payload["normalization"]["mean"] == list(T.IMAGENET_MEAN)
+    assert payload["normalization"]["mean"] == list(IMAGENET_MEAN)
     assert "epoch 2/2" in (run / "train.log").read_text()
 
 
@@ -55,7 +56,7 @@ def test_checkpoint_validation_names_the_file_and_the_problem(tmp_path, tiny_arg
         T.load_checkpoint(truncated)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
-    with pytest.raises(T.CheckpointError, match="foreign.pt is not an AdaptiveStream checkpoint"):
+    with pytest.raises(T.CheckpointError, match="foreign.pt is not a checkpoint of this script"):
         T.load_checkpoint(foreign)
     payload = torch.load(path, weights_only=True)
     payload["model"]["seg_head.weight"][0, 0] = float("nan")
