@@ -104,6 +104,7 @@ RESUME: str | None = None  # checkpoint to resume from, or auto (<out_dir>/last.
 CHECKPOINT_EVERY: int = 200  # also write last.pt every this many steps (0 = only at epoch ends)
 SYNC_BN: bool = False  # under torchrun on CUDA: SyncBatchNorm (batch statistics over all GPUs)
 SCALE_LR: bool = False  # under torchrun: multiply base_lr by the number of processes (linear scaling rule)
+REQUIRE_LEARNING: bool = True  # exit 1 when a head did not learn or memorised (the verdict is logged either way)
 PATIENCE: int = 10  # stop after this many epochs without a better val mIoU
 LOG_INTERVAL: int = 10  # steps between log lines (the only host syncs of the loop)
 BN_RECALIBRATE: int = 0  # before each evaluation, re-estimate BatchNorm statistics over this many train batches (0 = off)
@@ -126,6 +127,11 @@ _NON_NEGATIVE = {"NUM_WORKERS", "SEG_WEIGHT", "CLS_WEIGHT", "WEIGHT_DECAY", "MOM
 _FRACTIONS = {"VAL_FRACTION", "MAX_SKIP_FRACTION", "LABEL_SMOOTHING", "LR_GAMMA", "LR_BACKOFF"}
 
 
+# Settings that describe one command, not the run: never written to a run's config.yaml, so that
+# `--config runs/a/config.yaml` repeats the run instead of resuming or re-evaluating it.
+INVOCATION_ONLY = ("out_dir", "resume", "eval_only", "checkpoint", "predict", "out", "export")
+
+
 class ConfigError(ValueError):
     """A bad setting; the message names the key and what to do. main() exits with code 2."""
 
@@ -146,6 +152,11 @@ def settings() -> dict[str, tuple[Any, Any, str]]:
         if match:
             helps[match.group(1)] = match.group(2)
     return {name: (hints[name], globals()[name], helps.get(name, "")) for name in helps}
+
+
+def defaults() -> dict[str, Any]:
+    """lower-case key -> default value."""
+    return {name.lower(): default for name, (_, default, _) in settings().items()}
 
 
 def flag(name: str) -> str:
@@ -286,8 +297,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name.lower()}: must be <= 1, got {values[name]}")
     if cfg.min_lr > cfg.base_lr:
         raise ConfigError(f"min_lr ({cfg.min_lr:g}) is above base_lr ({cfg.base_lr:g}): lower min_lr or raise base_lr")
-    if cfg.warmup_epochs >= cfg.epochs:
-        raise ConfigError(f"warmup_epochs ({cfg.warmup_epochs:g}) must be shorter than epochs ({cfg.epochs})")
     if cfg.num_seg_classes < 2:
         raise ConfigError(f"num_seg_classes: need at least 2 (background + one class), got {cfg.num_seg_classes}")
     if cfg.num_cls_classes < 2:
@@ -320,6 +329,11 @@ def _validate_modes(cfg: Config) -> None:
         raise ConfigError("checkpoint: only used with --eval-only or --predict; to continue training use --resume")
     if not mode and cfg.out:
         raise ConfigError("out: only used with --eval-only or --predict; a training run's folder is --out-dir")
+
+
+def effective_warmup_epochs(cfg: Config) -> float:
+    """WARMUP_EPOCHS, shortened to half the run when it would fill the whole run (--epochs 1 with defaults)."""
+    return cfg.warmup_epochs if cfg.warmup_epochs < cfg.epochs else cfg.epochs / 2
 
 
 class _Parser(argparse.ArgumentParser):

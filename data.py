@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import math
 import os
 import random
 import re
@@ -40,6 +41,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # What PIL raises for a missing, truncated or foreign file (SyntaxError: some plugins' "broken PNG").
 _PIL_ERRORS = (OSError, SyntaxError, EOFError, Image.DecompressionBombError)
+IGNORE_MAX_FRACTION = 0.5  # a mask with more of its pixels at ignore_index: warn (probably mis-encoded)
+DOMINANT_CLASS_FRACTION = 0.95  # one class holding more of the pixels or labels: warn (a constant guess scores well)
 SYNTHETIC_STATS_SAMPLE = 64  # synthetic images the start-up summary counts (file datasets: all of them)
 
 
@@ -129,6 +132,15 @@ def value_counts(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         values = np.flatnonzero(counts)
         return values, counts[values]
     return np.unique(mask, return_counts=True)
+
+
+def invalid_mask_values(values: np.ndarray, num_classes: int, ignore_index: int) -> np.ndarray:
+    """The mask values that are neither a class index in [0, num_classes) nor ignore_index (a float that is
+    not a whole number is never valid)."""
+    values = np.asarray(values)
+    whole = values == np.floor(values) if values.dtype.kind == "f" else np.ones(values.shape, bool)
+    valid = (whole & (values >= 0) & (values < num_classes)) | (values == ignore_index)
+    return values[~valid]
 
 
 @dataclass
@@ -334,6 +346,21 @@ def parse_label(text: str, names: list[str] | None) -> int | None:
         return None
 
 
+def image_files(folder: Path, clash: str) -> list[Path]:
+    """The image files directly inside folder (by IMAGE_EXTENSIONS, hidden files left out), sorted.
+
+    Raise DataError when two share a stem (a.jpg, a.png): `clash` says what would go wrong.
+    """
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                   and not p.name.startswith("."))
+    stems: dict[str, Path] = {}
+    for path in files:
+        if path.stem in stems:
+            raise DataError(f"{stems[path.stem]} and {path} have the same stem: {clash}")
+        stems[path.stem] = path
+    return files
+
+
 def list_folder(cfg: Config) -> list[FolderRecord]:
     """Every image of DATA_ROOT/images with its mask path and label (bad ones carry their problem)."""
     root = Path(cfg.data_root)
@@ -342,15 +369,9 @@ def list_folder(cfg: Config) -> list[FolderRecord]:
         if not folder.is_dir():
             raise DataError(f"{folder} is not a folder: a folder dataset needs images/ and masks/ under "
                             f"{root} (see README, 'Train on your own data')")
-    files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                   and not p.name.startswith("."))
+    files = image_files(images_dir, "their masks would be the same file")
     if not files:
         raise DataError(f"{images_dir} holds no images ({' '.join(IMAGE_EXTENSIONS)}): the dataset is empty")
-    stems: dict[str, Path] = {}
-    for path in files:
-        if path.stem in stems:
-            raise DataError(f"{stems[path.stem]} and {path} have the same stem: their masks would be the same file")
-        stems[path.stem] = path
     labels_csv = root / "labels.csv"
     if cfg.label_regex is None and not labels_csv.is_file():
         raise DataError(f"{labels_csv} does not exist: give image labels in labels.csv (filename,label) or set "
@@ -510,7 +531,7 @@ def _check_one(ds: FileDataset, cfg: Config, i: int) -> tuple[str | None, Any, A
         return (f"{ds.mask_path(i)}: the mask is {mask.shape[-1]}x{mask.shape[0]} but its image {ds.path(i)} is "
                 f"{width}x{height} (W x H): a mask must have its image's size"), None, None, -1
     values, counts = value_counts(mask)
-    outside = values[((values < 0) | (values >= cfg.num_seg_classes)) & (values != cfg.ignore_index)]
+    outside = invalid_mask_values(values, cfg.num_seg_classes, cfg.ignore_index)
     if len(outside):
         hint = " (masks look like 0/255: set mask_scale or ignore_index)" if values.tolist() == [0, 255] else ""
         return (f"{ds.mask_path(i)}: mask values {outside[:8].tolist()} are outside [0, {cfg.num_seg_classes}) "
@@ -521,23 +542,46 @@ def _check_one(ds: FileDataset, cfg: Config, i: int) -> tuple[str | None, Any, A
     return None, values, counts, label
 
 
-def scan_dataset(ds: FileDataset, cfg: Config) -> tuple[list[tuple[int, str]], list[str]]:
-    """Read every sample of ds once (threads: PIL decodes without the GIL) and set ds.stats.
+@dataclass
+class ScanResult:
+    """What reading every sample of one split found."""
 
-    Returns the bad samples as (index, message) and the masks whose only values are 0 and 255.
-    """
-    stats, bad, zero_255 = DataStats.empty(cfg), [], []
+    bad: list[tuple[int, str]]  # (index, message) of samples that cannot be used
+    only_ignore: list[str]  # masks whose only non-background value is ignore_index
+    mostly_ignore: list[str]  # masks with more than IGNORE_MAX_FRACTION of their pixels at ignore_index
+
+
+def scan_dataset(ds: FileDataset, cfg: Config) -> ScanResult:
+    """Read every sample of ds once (threads: PIL decodes without the GIL) and set ds.stats."""
+    stats, found = DataStats.empty(cfg), ScanResult([], [], [])
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         results = pool.map(lambda i: _check_one(ds, cfg, i), range(ds.count()))
         for i, (problem, values, counts, label) in enumerate(results):
             if problem is not None:
-                bad.append((i, problem))
+                found.bad.append((i, problem))
                 continue
             stats.add(values, counts, label, cfg.ignore_index)
-            if values.tolist() == [0, 255]:
-                zero_255.append(ds.mask_path(i))
+            if values[values != 0].tolist() == [cfg.ignore_index]:
+                found.only_ignore.append(ds.mask_path(i))
+            if counts[values == cfg.ignore_index].sum() > IGNORE_MAX_FRACTION * counts.sum():
+                found.mostly_ignore.append(ds.mask_path(i))
     ds.stats = stats
-    return bad, zero_255
+    return found
+
+
+def warn_ignored_masks(cfg: Config, found: list[ScanResult], class_pixels: int) -> None:
+    """WARN about masks that are probably encoded differently from the rest (the run goes on)."""
+    only = [path for f in found for path in f.only_ignore]
+    mostly = [path for f in found for path in f.mostly_ignore]
+    if only and class_pixels:
+        log.warning("%d mask(s) hold only background and ignore_index %d while the others hold class values, e.g. "
+                    "%s: probably binary masks saved as 0/%d among 0/1 masks; their objects are never scored. Re-save "
+                    "them with class indices (mask // %d)", len(only), cfg.ignore_index, ", ".join(only[:3]),
+                    cfg.ignore_index, cfg.ignore_index)
+    if mostly:
+        log.warning("%d mask(s) are more than %d%% ignore_index %d, e.g. %s: those pixels are never scored; check "
+                    "the mask encoding (or set ignore_index)", len(mostly), 100 * IGNORE_MAX_FRACTION,
+                    cfg.ignore_index, ", ".join(mostly[:3]))
 
 
 def check_datasets(cfg: Config, train: FileDataset, val: FileDataset) -> None:
@@ -549,20 +593,21 @@ def check_datasets(cfg: Config, train: FileDataset, val: FileDataset) -> None:
     """
     start = time.perf_counter()
     found = {ds.split: scan_dataset(ds, cfg) for ds in (train, val)}
-    zero_255 = [path for _, paths in found.values() for path in paths]
+    only_ignore = [path for f in found.values() for path in f.only_ignore]
     class_pixels = sum(int(ds.stats.pixel_counts[1:].sum()) for ds in (train, val))
-    if zero_255 and class_pixels == 0 and cfg.ignore_index == 255:
-        raise DataError(f"every mask holds only 0 and 255 (e.g. {', '.join(zero_255[:3])}), and 255 is ignore_index: "
-                        f"nothing but background would be learned (masks look like 0/255: set mask_scale or "
-                        f"ignore_index). mask_scale: 255 reads them as classes 0/1")
-    problems = [message for bad, _ in found.values() for _, message in bad]
+    if only_ignore and class_pixels == 0 and cfg.ignore_index == 255:
+        raise DataError(f"every mask holds only 0 and 255 (e.g. {', '.join(only_ignore[:3])}), and 255 is "
+                        f"ignore_index: nothing but background would be learned (masks look like 0/255: set "
+                        f"mask_scale or ignore_index). mask_scale: 255 reads them as classes 0/1")
+    warn_ignored_masks(cfg, list(found.values()), class_pixels)
+    problems = [message for f in found.values() for _, message in f.bad]
     if problems and not cfg.skip_bad_samples:
         raise DataError(f"{len(problems)} bad sample(s) found at start-up; nothing was trained. Fix or remove them, "
                         f"or pass --skip-bad-samples to train without them:\n  " + "\n  ".join(sorted(problems)))
     for ds in (train, val):
-        dropped = {i for i, _ in found[ds.split][0]}
+        dropped = {i for i, _ in found[ds.split].bad}
         ds.keep = [i for i in range(ds.count()) if i not in dropped]
-        ds.bad = sorted(message for _, message in found[ds.split][0])
+        ds.bad = sorted(message for _, message in found[ds.split].bad)
         if not ds.keep:
             raise DataError(f"the {ds.split} split is empty: all {ds.count()} of its samples are bad, e.g. {ds.bad[0]}")
     dropped = len(problems)
@@ -647,6 +692,49 @@ def dataset_stats(ds: Dataset, cfg: Config) -> tuple[DataStats, str]:
     return stats, f"{stats.images} of {len(ds)} images"
 
 
+@dataclass
+class Baselines:
+    """What a model that learned nothing scores on this data: the bar a trained model must clear.
+
+    cls: chance (1/C) and the val accuracy of always predicting the most frequent training label.
+    seg: the val mIoU and pixel accuracy of predicting the most frequent training pixel class everywhere.
+    Uniform-guess losses: cross-entropy of equal logits, ln(classes) per head (class weights and label
+    smoothing leave it unchanged: every target then costs ln(classes)), and their weighted total.
+    """
+
+    cls_chance: float
+    cls_majority: float
+    seg_majority_miou: float
+    seg_majority_pixel_acc: float
+    seg_uniform_loss: float
+    cls_uniform_loss: float
+    uniform_loss: float
+    val_images: int = 0  # how many images the val metrics average over (their noise)
+
+    def cls_baseline(self) -> float:
+        return max(self.cls_chance, self.cls_majority)
+
+
+def majority_scores(train_counts: np.ndarray, val_counts: np.ndarray) -> tuple[float, float]:
+    """(mIoU, accuracy) on val of predicting train's most frequent class everywhere, with mIoU over the
+    classes present in the target or the prediction (as the training metrics count it)."""
+    top, total = int(train_counts.argmax()), max(int(val_counts.sum()), 1)
+    present = int((val_counts > 0).sum()) + int(val_counts[top] == 0)
+    accuracy = float(val_counts[top]) / total
+    return accuracy / max(present, 1), accuracy
+
+
+def data_baselines(cfg: Config, train_ds: Dataset, val_ds: Dataset) -> Baselines:
+    train, _ = dataset_stats(train_ds, cfg)
+    val, _ = dataset_stats(val_ds, cfg)
+    seg_miou, seg_acc = majority_scores(train.pixel_counts, val.pixel_counts)
+    _, cls_acc = majority_scores(train.label_counts, val.label_counts)
+    seg_loss, cls_loss = math.log(cfg.num_seg_classes), math.log(cfg.num_cls_classes)
+    return Baselines(cls_chance=1 / cfg.num_cls_classes, cls_majority=cls_acc, seg_majority_miou=seg_miou,
+                     seg_majority_pixel_acc=seg_acc, seg_uniform_loss=seg_loss, cls_uniform_loss=cls_loss,
+                     uniform_loss=cfg.seg_weight * seg_loss + cfg.cls_weight * cls_loss, val_images=len(val_ds))
+
+
 def inverse_frequency(counts: np.ndarray) -> list[float]:
     """Weights total / (K * count_c) over the K classes present ("balanced"); 0 for an absent class."""
     present = counts > 0
@@ -686,20 +774,25 @@ def _format_counts(counts: np.ndarray, names: list[str], limit: int = 8) -> str:
     return ", ".join(parts)
 
 
-def report_data(cfg: Config, train_ds: Dataset, val_ds: Dataset, run_dir: Path) -> None:
-    """Log the one-screen data summary and imbalance warnings; write the split and the dropped samples."""
+def report_data(cfg: Config, train_ds: Dataset, val_ds: Dataset, run_dir: Path, baselines: Baselines) -> None:
+    """Log the one-screen data summary, baselines and imbalance warnings; write the split and dropped samples."""
     names = class_names(cfg)
     stats, covers = dataset_stats(train_ds, cfg)
+    b = baselines
     lines = [f"data: {getattr(train_ds, 'description', '') or cfg.dataset} | {len(train_ds)} train, "
              f"{len(val_ds)} val images",
              f"  image labels (train): {_format_counts(stats.label_counts, names['cls'])}",
              f"  mask pixels (train, {covers}): {_format_counts(stats.pixel_counts, names['seg'])}; "
-             f"{stats.ignored_pixels} ignored"]
+             f"{stats.ignored_pixels} ignored",
+             f"  baselines (val, a model that learned nothing): cls acc {b.cls_baseline():.4f} (chance "
+             f"{b.cls_chance:.4f}, majority {b.cls_majority:.4f}); mIoU {b.seg_majority_miou:.4f} (majority class "
+             f"everywhere, pixel acc {b.seg_majority_pixel_acc:.4f}); uniform-guess loss {b.uniform_loss:.4f} "
+             f"(seg {b.seg_uniform_loss:.4f}, cls {b.cls_uniform_loss:.4f})"]
     log.info("\n".join(lines))
     for counts, head, what in ((stats.pixel_counts, "seg", "mask pixels"), (stats.label_counts, "cls", "image labels")):
         top = int(counts.argmax())
         share = counts[top] / max(counts.sum(), 1)
-        if share > 0.95 and getattr(cfg, f"{head}_class_weights") is None:
+        if share > DOMINANT_CLASS_FRACTION and getattr(cfg, f"{head}_class_weights") is None:
             log.warning("class imbalance: %s holds %.1f%% of the training %s; a model can score well by always "
                         "predicting it. Consider --%s-class-weights auto (inverse-frequency weights)",
                         names[head][top], 100 * share, what, head)

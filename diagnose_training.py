@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import itertools
 import json
 import math
@@ -25,7 +24,7 @@ import time
 import traceback
 import warnings
 from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,7 +37,9 @@ from torch.utils.data import Dataset
 
 import config
 import train_enhanced_adaptivestream as T
-from data import DataError, build_datasets, build_loaders, value_counts
+from data import (DOMINANT_CLASS_FRACTION, Baselines, DataError, build_datasets, build_loaders, data_baselines,
+                  invalid_mask_values, value_counts)
+from results import column, read_metrics
 from config import Config, ConfigError, load_config
 
 # ---- Thresholds (every numeric rule of the report) ----
@@ -50,7 +51,6 @@ BN_MIN_BATCH = 4  # BatchNorm statistics of fewer images are noisy -> WARN
 QUICK_SCAN_SAMPLES = 64  # samples per split that --quick decodes and checks (full mode: every sample)
 JPEG_EXTRA_VALUES = 8  # more distinct mask values than classes + this: JPEG artefacts or bilinear resizing
 IGNORE_MAX_FRACTION = 0.5  # more mask pixels equal to ignore_index -> WARN
-DOMINANT_CLASS_FRACTION = 0.95  # one class holding more of the pixels / labels -> WARN
 IMAGE_MEAN_MAX_ABS = 1.5  # per-channel batch mean beyond this -> WARN (ImageNet-normalised pixels span [-2.1, 2.6])
 IMAGE_STD_RANGE = (0.3, 3.0)  # per-channel std of normalised images outside this -> WARN
 IMAGE_RAW_LIMIT = 20.0  # |mean| or std beyond this: images were not normalised at all (0-255) -> FAIL
@@ -75,6 +75,7 @@ BN_CHECK_BATCHES = 4  # training batches the BatchNorm check compares eval and b
 BN_RECALIBRATE_BATCHES = 8  # batches the BN fix is tried with (the training flag --bn-recalibrate N)
 RUN_SKIP_WARN_FRACTION = 0.0  # any skipped step in an epoch -> WARN
 RUN_SKIP_FAIL_FRACTION = 0.25  # above this (or the run's lower max_skip_fraction) -> FAIL, even if the run went on
+GENERALIZATION_MAX_GAP = 0.3  # last epoch's train cls acc above val cls acc by more -> FAIL (memorising)
 RUN_LOSS_RISE_MAX = 0.1  # last epoch's train loss above the first's by more than this fraction -> FAIL
 NAMES_SHOWN = 5  # names listed per line (the JSON has them all)
 
@@ -89,6 +90,7 @@ CAUSES = {
     "gradients": "gradient flow: vanishing or exploding gradients",
     "lr": "the learning rate or its schedule",
     "learning": "the setup cannot learn: overfit or input-dependence test",
+    "generalization": "the model memorises the training set instead of learning what carries over to new images",
     "batchnorm": "BatchNorm running statistics (eval mode differs from train mode)",
     "run": "symptoms in the run folder (explained by a cause above when one is listed)",
 }
@@ -176,13 +178,6 @@ def batch_tensors(batch: dict[str, Any], cfg: Config, device: torch.device) -> t
     return T.to_device(batch, SimpleNamespace(cfg=cfg, device=device))
 
 
-def autocast_for(dtype: torch.dtype | None, device: torch.device):
-    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
-
-
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def count_values(tensor: torch.Tensor) -> Counter:
     """value -> count of a tensor, through the training script's numpy counter (torch.unique is slow on CPU)."""
     tensor = tensor.detach().cpu()
@@ -201,7 +196,7 @@ def show_values(values: Iterable[float]) -> str:
     return "{" + text + (f", ... {values[-1]:g}" if len(values) > 10 else "") + "}"
 
 
-# ---- 1. Config ----
+# ---- config: settings that cannot work ----
 def check_config(cfg: Config, train_size: int | None, steps_per_epoch: int | None) -> list[Check]:
     """LR range, MIN_LR > 0, warm-up shorter than the run, batch size against the dataset size."""
     low, high = LR_RANGE[cfg.optimizer]
@@ -218,7 +213,7 @@ def check_config(cfg: Config, train_size: int | None, steps_per_epoch: int | Non
     ]
     if train_size is None or steps_per_epoch is None:
         return checks + [skip("config.dataset_size", "no training set (see data.build)")]
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    warmup = round(config.effective_warmup_epochs(cfg) * steps_per_epoch)
     total = cfg.epochs * steps_per_epoch
     checks.append(judge("config.warmup", warmup < total and warmup <= WARMUP_MAX_FRACTION * total,
                         f"{warmup} of {total} steps", f"< {WARMUP_MAX_FRACTION:.0%} of the run",
@@ -232,7 +227,7 @@ def check_config(cfg: Config, train_size: int | None, steps_per_epoch: int | Non
     return checks
 
 
-# ---- 2. Data ----
+# ---- data and batch: files, masks, labels, one real batch ----
 @dataclass
 class DataScan:
     """What scanning samples of one split found."""
@@ -247,7 +242,7 @@ class DataScan:
     nonfinite_images: list[str] = field(default_factory=list)
 
 
-def scan_dataset(dataset: Dataset, limit: int | None) -> DataScan:
+def scan_samples(dataset: Dataset, limit: int | None) -> DataScan:
     """Decode samples (all, or `limit` evenly spaced) through the dataset's own __getitem__ and transforms."""
     scan = DataScan(total=len(dataset))
     indices = range(len(dataset)) if limit is None or limit >= len(dataset) else \
@@ -275,7 +270,7 @@ def judge_mask_values(name: str, values: Counter, cfg: Config, float_masks: int 
     """Mask values must be class indices in [0, S) or ignore_index; hints for 0/255 and JPEG-artefact masks."""
     classes, ignore = cfg.num_seg_classes, cfg.ignore_index
     total = max(sum(values.values()), 1)
-    bad = sorted(v for v in values if v != ignore and not (float(v).is_integer() and 0 <= v < classes))
+    bad = sorted(invalid_mask_values(np.array(list(values), dtype=float), classes, ignore).tolist())
     ignored = values.get(ignore, 0) / total
     foreground = sum(n for v, n in values.items() if v != ignore and 0 < v < classes)
     # ignore_index 255 turns binary masks saved as 0/255 into "every object pixel is ignored": no error, no learning
@@ -315,7 +310,7 @@ def judge_balance(name: str, counts: Counter, num_classes: int, unit: str) -> Ch
 
 def check_data(splits: dict[str, Dataset], cfg: Config, limit: int | None) -> list[Check]:
     """Decode, pairing and sizes, mask values, label range, class balance over whatever build_datasets returned."""
-    scans = {split: scan_dataset(ds, limit) for split, ds in splits.items()}
+    scans = {split: scan_samples(ds, limit) for split, ds in splits.items()}
     errors = [f"{split}: {e}" for split, s in scans.items() for e in s.errors]
     scanned = sum(s.scanned for s in scans.values())
     of = ", ".join(f"{s.scanned}/{s.total} {split}" for split, s in scans.items())
@@ -379,7 +374,7 @@ def check_batch(batch: dict[str, Any], cfg: Config, prefix: str = "batch") -> li
     return checks
 
 
-# ---- 3-6. Model, loss, gradients, update ----
+# ---- model, loss, grad, update: one forward and backward pass ----
 def check_model(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, cfg: Config) -> list[Check]:
     """Forward on a real batch; seg logits the target's size, head widths, parameter count, finite parameters."""
     with preserved(model), torch.no_grad():
@@ -426,7 +421,7 @@ def check_initial_loss(model: nn.Module, images: torch.Tensor, masks: torch.Tens
         expected = math.log(classes)
         off = value / expected - 1 if math.isfinite(value) else math.inf
         fix = ("the loss is non-finite at step 0: see nan.forward" if not math.isfinite(value) else
-               f"logits are too large at init: scale the last layer's init down (std ~0.5/sqrt(fan_in))" if off > 0
+               "logits are too large at init: scale the last layer's init down (std ~0.5/sqrt(fan_in))" if off > 0
                else "the loss is too low for an untrained model: the target leaks into the input, or the loss "
                     "sees the wrong tensors")
         checks.append(judge(f"loss.init_{head}", abs(off) <= INIT_LOSS_TOLERANCE,
@@ -513,12 +508,12 @@ def check_update_ratio(model: nn.Module, images: torch.Tensor, masks: torch.Tens
         value += f"; too small: {show(small)}" if small else ""
         value += f"; too large: {show(large)}" if large else ""
     fix = (f"updates rewrite >{high:.0%} of these layers per step: lower --base-lr" if large else
-           f"these layers barely move: raise --base-lr or check their init scale")
+           "these layers barely move: raise --base-lr or check their init scale")
     return [judge("update.ratio", not small and not large, value, f"each in [{low:g}, {high:g}]", fix, "lr",
                   warn=True, details={"ratios": ratio})]
 
 
-# ---- 7. LR schedule ----
+# ---- lr: the schedule over the whole run ----
 def check_lr_schedule(cfg: Config, steps_per_epoch: int,
                       make_scheduler: Callable[..., Any] = T.build_scheduler) -> list[Check]:
     """Dry-run the schedule over the whole run on a throwaway optimizer: min/max LR, warm-up end, floor."""
@@ -553,7 +548,7 @@ def check_lr_schedule(cfg: Config, steps_per_epoch: int,
                   details={"min": float(values.min()), "max": float(values.max()), "warmup_end": peak})]
 
 
-# ---- 8. NaN/Inf source finder ----
+# ---- nan: where the first NaN/Inf appears ----
 def _tensors(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         return [obj]
@@ -594,7 +589,7 @@ class NonFiniteReport:
 
 
 def find_nonfinite(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
-                   loss_fn: nn.Module, dtype: torch.dtype | None = None) -> NonFiniteReport:
+                   loss_fn: nn.Module, amp: str = "off") -> NonFiniteReport:
     """Forward/backward hooks on every module; flags stay on the device and are read with one host sync.
 
     A module that passes NaN on has a non-finite input; the producer is the first whose inputs are finite
@@ -627,7 +622,7 @@ def find_nonfinite(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, 
         with preserved(model), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # list outputs (the encoder's) get no backward hook
             model.train()
-            with autocast_for(dtype, device):
+            with T.autocast(amp, device):
                 seg, cls = model(images)
             loss = loss_fn(seg, cls, masks, labels)[0]
             loss.backward()
@@ -649,7 +644,7 @@ def find_nonfinite(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, 
     bwd = [(name, ok[offset + 2 * i], ok[offset + 1 + 2 * i]) for i, (name, _) in enumerate(backward)]
     grad_ok = ok[offset + 2 * len(backward):]
     return NonFiniteReport(
-        precision=str(dtype).replace("torch.", "") if dtype else "float32", modules=len(names),
+        precision=str(T.AMP_DTYPES[amp]).replace("torch.", "") if amp != "off" else "float32", modules=len(names),
         input_finite=ok[0], loss=values[1], grad_norm=values[2],
         forward_producer=next((n for n, i, o, _ in fwd if i and not o), None),
         forward_nonfinite=not all(o for _, _, o, _ in fwd),
@@ -694,7 +689,7 @@ def check_nonfinite(report: NonFiniteReport, prefix: str, amp: str = "off") -> l
     return checks
 
 
-# ---- 9-10. Overfit and input dependence ----
+# ---- overfit, input_dependence: can the setup learn at all ----
 def check_overfit(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module,
                   cfg: Config, max_steps: int = OVERFIT_MAX_STEPS) -> tuple[list[Check], nn.Module]:
     """Memorise OVERFIT_SAMPLES samples with the real train_step (AdamW at OVERFIT_LR, the run's clipping and
@@ -750,80 +745,7 @@ def check_input_dependence(model: nn.Module, images: torch.Tensor, masks: torch.
                   "images and targets are not paired (check the dataset's file matching)", "learning")]
 
 
-# ---- 6b. BatchNorm health ----
-def measure(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
-            loss_fn: nn.Module, cfg: Config) -> torch.Tensor:
-    """[seg loss, cls loss, pixel acc, cls acc] of model as it is (train/eval mode untouched), on the device."""
-    with torch.no_grad():
-        seg, cls = model(images)
-        _, parts = loss_fn(seg, cls, masks, labels)
-        valid = masks != cfg.ignore_index
-        pixel = ((seg.argmax(1) == masks) & valid).sum() / valid.sum().clamp_min(1)
-        accuracy = (cls.argmax(1) == labels).float().mean()
-    return torch.stack([parts["seg"], parts["cls"], pixel.float(), accuracy])
-
-
-def _bn_distance(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """Distance of a batch's statistics from the running ones, in running standard deviations (+ |log var ratio|)."""
-    x = x.detach().float()
-    dims = [0] + list(range(2, x.dim()))
-    mean, var = x.mean(dims), x.var(dims, unbiased=False)
-    running_var = module.running_var.float() + module.eps
-    shift = ((mean - module.running_mean.float()).abs() / running_var.sqrt()).mean()
-    return shift + ((var + module.eps) / running_var).log().abs().mean()
-
-
-def check_batchnorm(model: nn.Module, batches: list[tuple[torch.Tensor, ...]], loss_fn: nn.Module, cfg: Config,
-                    loader: Iterable[dict[str, Any]] | None = None) -> list[Check]:
-    """Same batches with BN on running statistics (eval) and on batch statistics: a large gap = stale/poisoned stats.
-
-    batches: a few (images, masks, labels) training batches; several, so that accuracies are not a coin flip.
-    """
-    probe = copy.deepcopy(model)
-    norms = [(n, m) for n, m in probe.named_modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        return [skip("bn.health", "no BatchNorm layers with running statistics")]
-    probe.eval()
-    running = torch.stack([measure(probe, *b, loss_fn, cfg) for b in batches]).mean(0)
-    distances: dict[str, list[torch.Tensor]] = {n: [] for n, _ in norms}
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: distances[n].append(_bn_distance(mod, args[0])))
-               for n, m in norms]
-    for _, module in norms:
-        module.train()  # batch statistics; dropout stays off, so only BatchNorm differs
-        module.momentum = 0.0  # and the running statistics stay as they are for the next batch's distance
-    batch = torch.stack([measure(probe, *b, loss_fn, cfg) for b in batches]).mean(0)
-    for handle in handles:
-        handle.remove()
-    mean_distance = torch.stack([torch.stack(d).mean() for d in distances.values()])
-    values = torch.cat([running, batch, mean_distance]).tolist()  # one host sync
-    (seg_e, cls_e, pix_e, acc_e), (seg_b, cls_b, pix_b, acc_b) = values[:4], values[4:8]
-    by_layer = dict(zip(distances, values[8:]))
-    furthest = sorted(by_layer.items(), key=lambda kv: -kv[1])[:3]
-    ok = (seg_e <= BN_LOSS_RATIO_MAX * seg_b + BN_LOSS_SLACK and cls_e <= BN_LOSS_RATIO_MAX * cls_b + BN_LOSS_SLACK
-          and pix_b - pix_e <= BN_ACC_DROP_MAX and acc_b - acc_e <= BN_ACC_DROP_MAX)
-    images = sum(len(b[0]) for b in batches)
-    value = (f"eval vs batch stats over {images} images: seg loss {seg_e:.3f}/{seg_b:.3f}, cls loss "
-             f"{cls_e:.3f}/{cls_b:.3f}, pixel acc {pix_e:.2f}/{pix_b:.2f}, cls acc {acc_e:.2f}/{acc_b:.2f}; "
-             f"furthest: " + ", ".join(f"{n} ({d:.2f})" for n, d in furthest))
-    fix = (f"stale or poisoned running statistics: train with --bn-recalibrate {BN_RECALIBRATE_BATCHES} "
-           f"(re-estimates them before each evaluation) or lower the BatchNorm momentum")
-    if not ok and loader is not None:
-        fixed = copy.deepcopy(model)
-        T.recalibrate_bn(fixed, loader, BN_RECALIBRATE_BATCHES, batches[0][0].device)
-        after = torch.stack([measure(fixed.eval(), *b, loss_fn, cfg) for b in batches]).mean(0).tolist()
-        fix += (f"; tried here: after recalibrating over {BN_RECALIBRATE_BATCHES} batches, eval seg/cls loss "
-                f"{after[0]:.3f}/{after[1]:.3f}, cls acc {after[3]:.2f}")
-    far = furthest[0][1] > BN_DISTANCE_WARN
-    if ok and far:
-        fix = (f"{furthest[0][0]}'s running statistics are far from its batch statistics although predictions "
-               f"agree so far: re-estimate them (--bn-recalibrate {BN_RECALIBRATE_BATCHES})")
-    return [judge("bn.health", ok and not far, value, f"eval loss <= {BN_LOSS_RATIO_MAX:g} x batch-stat loss + "
-                  f"{BN_LOSS_SLACK:g}, acc drop <= {BN_ACC_DROP_MAX:g}, distance <= {BN_DISTANCE_WARN:g}", fix,
-                  "batchnorm", warn=ok, details={"distances": by_layer})]
-
-
-# ---- 12. Checkpoint ----
+# ---- checkpoint: finite and fits the config ----
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The raw payload (load_checkpoint refuses non-finite weights, which this check must name)."""
     try:
@@ -859,7 +781,80 @@ def check_checkpoint(payload: dict[str, Any], path: str | Path, cfg: Config) -> 
     return checks, not bad and not problem
 
 
-# ---- 11. Run folder ----
+# ---- bn: BatchNorm running statistics of trained weights ----
+def score_batch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
+            loss_fn: nn.Module, cfg: Config) -> torch.Tensor:
+    """[seg loss, cls loss, pixel acc, cls acc] of model as it is (train/eval mode untouched), on the device."""
+    with torch.no_grad():
+        seg, cls = model(images)
+        _, parts = loss_fn(seg, cls, masks, labels)
+        valid = masks != cfg.ignore_index
+        pixel = ((seg.argmax(1) == masks) & valid).sum() / valid.sum().clamp_min(1)
+        accuracy = (cls.argmax(1) == labels).float().mean()
+    return torch.stack([parts["seg"], parts["cls"], pixel.float(), accuracy])
+
+
+def _bn_distance(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Distance of a batch's statistics from the running ones, in running standard deviations (+ |log var ratio|)."""
+    x = x.detach().float()
+    dims = [0] + list(range(2, x.dim()))
+    mean, var = x.mean(dims), x.var(dims, unbiased=False)
+    running_var = module.running_var.float() + module.eps
+    shift = ((mean - module.running_mean.float()).abs() / running_var.sqrt()).mean()
+    return shift + ((var + module.eps) / running_var).log().abs().mean()
+
+
+def check_batchnorm(model: nn.Module, batches: list[tuple[torch.Tensor, ...]], loss_fn: nn.Module, cfg: Config,
+                    loader: Iterable[dict[str, Any]] | None = None) -> list[Check]:
+    """Same batches with BN on running statistics (eval) and on batch statistics: a large gap = stale/poisoned stats.
+
+    batches: a few (images, masks, labels) training batches; several, so that accuracies are not a coin flip.
+    """
+    probe = copy.deepcopy(model)
+    norms = [(n, m) for n, m in probe.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return [skip("bn.health", "no BatchNorm layers with running statistics")]
+    probe.eval()
+    running = torch.stack([score_batch(probe, *b, loss_fn, cfg) for b in batches]).mean(0)
+    distances: dict[str, list[torch.Tensor]] = {n: [] for n, _ in norms}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: distances[n].append(_bn_distance(mod, args[0])))
+               for n, m in norms]
+    for _, module in norms:
+        module.train()  # batch statistics; dropout stays off, so only BatchNorm differs
+        module.momentum = 0.0  # and the running statistics stay as they are for the next batch's distance
+    batch = torch.stack([score_batch(probe, *b, loss_fn, cfg) for b in batches]).mean(0)
+    for handle in handles:
+        handle.remove()
+    mean_distance = torch.stack([torch.stack(d).mean() for d in distances.values()])
+    values = torch.cat([running, batch, mean_distance]).tolist()  # one host sync
+    (seg_e, cls_e, pix_e, acc_e), (seg_b, cls_b, pix_b, acc_b) = values[:4], values[4:8]
+    by_layer = dict(zip(distances, values[8:]))
+    furthest = sorted(by_layer.items(), key=lambda kv: -kv[1])[:3]
+    ok = (seg_e <= BN_LOSS_RATIO_MAX * seg_b + BN_LOSS_SLACK and cls_e <= BN_LOSS_RATIO_MAX * cls_b + BN_LOSS_SLACK
+          and pix_b - pix_e <= BN_ACC_DROP_MAX and acc_b - acc_e <= BN_ACC_DROP_MAX)
+    images = sum(len(b[0]) for b in batches)
+    value = (f"eval vs batch stats over {images} images: seg loss {seg_e:.3f}/{seg_b:.3f}, cls loss "
+             f"{cls_e:.3f}/{cls_b:.3f}, pixel acc {pix_e:.2f}/{pix_b:.2f}, cls acc {acc_e:.2f}/{acc_b:.2f}; "
+             f"furthest: " + ", ".join(f"{n} ({d:.2f})" for n, d in furthest))
+    fix = (f"stale or poisoned running statistics: train with --bn-recalibrate {BN_RECALIBRATE_BATCHES} "
+           f"(re-estimates them before each evaluation) or lower the BatchNorm momentum")
+    if not ok and loader is not None:
+        fixed = copy.deepcopy(model)
+        T.recalibrate_bn(fixed, loader, BN_RECALIBRATE_BATCHES, batches[0][0].device)
+        after = torch.stack([score_batch(fixed.eval(), *b, loss_fn, cfg) for b in batches]).mean(0).tolist()
+        fix += (f"; tried here: after recalibrating over {BN_RECALIBRATE_BATCHES} batches, eval seg/cls loss "
+                f"{after[0]:.3f}/{after[1]:.3f}, cls acc {after[3]:.2f}")
+    far = furthest[0][1] > BN_DISTANCE_WARN
+    if ok and far:
+        fix = (f"{furthest[0][0]}'s running statistics are far from its batch statistics although predictions "
+               f"agree so far: re-estimate them (--bn-recalibrate {BN_RECALIBRATE_BATCHES})")
+    return [judge("bn.health", ok and not far, value, f"eval loss <= {BN_LOSS_RATIO_MAX:g} x batch-stat loss + "
+                  f"{BN_LOSS_SLACK:g}, acc drop <= {BN_ACC_DROP_MAX:g}, distance <= {BN_DISTANCE_WARN:g}", fix,
+                  "batchnorm", warn=ok, details={"distances": by_layer})]
+
+
+# ---- run: how a run folder's run went ----
 METRICS_NEEDED = ("epoch", "lr", "train_loss", "skipped_steps", "val_loss", "val_miou", "val_cls_acc")
 
 
@@ -870,13 +865,12 @@ class RunRecord:
     path: Path
     rows: list[dict[str, str]] | None  # metrics.csv, None when no epoch finished
     events: list[dict[str, Any]]  # steps.jsonl
-    log_text: str  # train.log
     config: dict[str, Any]  # config.yaml ({} when absent)
     bad_batches: list[str]
 
 
 def read_run_folder(path: str | Path) -> RunRecord:
-    """Read metrics.csv, steps.jsonl, train.log, config.yaml; raise UsageError naming an unreadable file."""
+    """Read metrics.csv, steps.jsonl, config.yaml; raise UsageError naming an unreadable file."""
     import yaml
 
     path = Path(path)
@@ -884,13 +878,11 @@ def read_run_folder(path: str | Path) -> RunRecord:
         raise UsageError(f"--run: {path} is not a folder")
     rows = None
     if (path / "metrics.csv").is_file():
-        with open(path / "metrics.csv", newline="") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in METRICS_NEEDED if c not in (reader.fieldnames or [])]
-            if missing:
-                raise UsageError(f"--run: {path / 'metrics.csv'} lacks columns {missing}: "
-                                 f"not a metrics file of this script")
-            rows = list(reader)
+        rows = read_metrics(path / "metrics.csv")
+        missing = [c for c in METRICS_NEEDED if rows and c not in rows[0]]
+        if missing:
+            raise UsageError(f"--run: {path / 'metrics.csv'} lacks columns {missing}: "
+                             f"not a metrics file of this script")
     events = []
     if (path / "steps.jsonl").is_file():
         for number, line in enumerate((path / "steps.jsonl").read_text().splitlines(), 1):
@@ -904,9 +896,8 @@ def read_run_folder(path: str | Path) -> RunRecord:
             settings = yaml.safe_load((path / "config.yaml").read_text()) or {}
         except yaml.YAMLError as err:
             raise UsageError(f"--run: {path / 'config.yaml'} is not valid YAML: {err}") from None
-    log_text = (path / "train.log").read_text(errors="replace") if (path / "train.log").is_file() else ""
     bad = sorted(str(p) for p in (path / "bad_batches").glob("*.pt")) if (path / "bad_batches").is_dir() else []
-    return RunRecord(path, rows, events, log_text, settings, bad)
+    return RunRecord(path, rows, events, settings, bad)
 
 
 SKIP_FIXES = {
@@ -938,8 +929,15 @@ def skipped_per_epoch(events: list[dict[str, Any]]) -> dict[int, tuple[int, int,
     return result
 
 
-def check_run(record: RunRecord, cfg: Config) -> list[Check]:
-    """Outcome, skipped-step ratio per epoch, non-finite losses, LR floor, stuck val metrics, loss trend."""
+def run_end(record: RunRecord) -> dict[str, Any] | None:
+    """The run's `end` event (its last record when it ended by itself), or None."""
+    ends = [e for e in record.events if e.get("event") == "end"]
+    return ends[-1] if ends else None
+
+
+def check_run(record: RunRecord, cfg: Config, baselines: Baselines | None = None) -> list[Check]:
+    """Outcome, verdict against the data's baselines, skipped-step ratio per epoch, LR floor, stuck val metrics,
+    loss trend. Baselines come from the end event, else from `baselines` (computed from the data)."""
     checks = [check_run_outcome(record)]
     max_skip = min(float(record.config.get("max_skip_fraction", cfg.max_skip_fraction)), RUN_SKIP_FAIL_FRACTION)
     per_epoch = skipped_per_epoch(record.events)
@@ -960,42 +958,82 @@ def check_run(record: RunRecord, cfg: Config) -> list[Check]:
                             warn=max(ratios.values()) <= max_skip, details={"per_epoch": ratios}))
     if not record.rows:
         return checks + [judge("run.metrics", False, f"no epoch row in {record.path / 'metrics.csv'}",
-                               "at least one epoch row",
-                               "no epoch finished: read the end of train.log (run.outcome)", "run")]
+                               "at least one epoch row", "no epoch finished: see run.outcome", "run")]
+    end = run_end(record)
+    if end and end.get("baselines"):
+        baselines = Baselines(**end["baselines"])
+    run_cfg = Config(**{**cfg.to_dict(), **{k: v for k, v in record.config.items() if k in cfg.to_dict()}})
+    if baselines is None:
+        checks.append(skip("run.learned", "no baselines: the run has no end event and the data could not be read"))
+    else:
+        rows = [{k: float(v) if v not in (None, "") else math.nan for k, v in r.items()} for r in record.rows]
+        checks += check_learning(rows, baselines, run_cfg)
     return checks + check_run_metrics(record.rows, float(record.config.get("min_lr", cfg.min_lr)))
 
 
+# What the training script's verdict names as the likely cause -> the cause of the ranked summary.
+VERDICT_CAUSES = {"lr": "lr", "memorising": "generalization", "too_few_steps": "config", "no_signal": "learning"}
+
+
+def check_learning(rows: list[dict[str, float]], baselines: Baselines, cfg: Config) -> list[Check]:
+    """run.learned (the training script's own verdict), run.generalization, run.loss_vs_uniform."""
+    verdicts = T.judge_learning(rows, baselines, cfg)
+    failed = [v for v in verdicts.values() if v.verdict in ("did not learn", "memorising")]
+    kind = failed[0].kind if failed else ""
+    checks = [judge("run.learned", not failed, "; ".join(v.line() for v in verdicts.values()),
+                    f"best val metric >= baseline + {T.LEARNED_MARGIN:g} x (1 - baseline), train loss below a "
+                    f"uniform guess", failed[0].cause if failed else "", VERDICT_CAUSES.get(kind, "run"),
+                    details={head: asdict(v) for head, v in verdicts.items()})]
+    last = rows[-1]
+    cls_gap = last["train_cls_acc"] - last["val_cls_acc"]
+    # Two standard errors of the val accuracy on top: on 8 val images one image is 0.125 of accuracy.
+    p, n = last["val_cls_acc"], max(baselines.val_images, 1)
+    allowed = GENERALIZATION_MAX_GAP + 2 * math.sqrt(max(p * (1 - p), 0.25 / n) / n)
+    seg_ratio = last["val_seg_loss"] / max(last["train_seg_loss"], 1e-12)
+    checks.append(judge("run.generalization", cls_gap <= allowed and seg_ratio <= T.MEMORISING_LOSS_RATIO,
+                        f"last epoch: cls acc train {last['train_cls_acc']:.4f} vs val {last['val_cls_acc']:.4f} "
+                        f"({baselines.val_images} val images); seg loss val/train {seg_ratio:.2f}",
+                        f"cls acc gap <= {allowed:.3g} ({GENERALIZATION_MAX_GAP:g} + 2 standard errors), seg val/train "
+                        f"loss <= {T.MEMORISING_LOSS_RATIO:g}",
+                        "the model fits the training set far better than new images: add augmentation or data, "
+                        "raise --weight-decay, or train fewer epochs", "generalization"))
+    warm = [r for r in rows if r["epoch"] > config.effective_warmup_epochs(cfg)] or rows[-1:]
+    best = min((r["train_loss"] for r in warm if math.isfinite(r["train_loss"])), default=math.nan)
+    checks.append(judge("run.loss_vs_uniform", best < baselines.uniform_loss,
+                        f"lowest train loss after warm-up {best:.4f}, uniform guess {baselines.uniform_loss:.4f}",
+                        "below the loss of a uniform guess", f"the model never did better than guessing: the learning "
+                        f"rate (base_lr {cfg.base_lr:g}) is probably too high; try --base-lr {cfg.base_lr / 10:g} "
+                        f"(see update.ratio)", "lr"))
+    return checks
+
+
 def check_run_outcome(record: RunRecord) -> Check:
-    """How the run ended, from train.log: finished, early-stopped (with its cause), failed, or no end line."""
-    lines = record.log_text.splitlines()
-
-    def last(marker: str) -> str | None:
-        found = [line.split(marker, 1)[1].strip() for line in lines if marker in line]
-        return found[-1] if found else None
-
-    failed, error, done, early = last("training failed:"), last("error:"), last("done:"), last("early stop:")
-    if failed or error:
-        return judge("run.outcome", False, (failed or error)[:300], "the run finished",
-                     "the run stopped: see the causes ranked above and the skipped-step reasons", "run")
-    if done:
-        return judge("run.outcome", True, ("early stop: " + early + "; " if early else "finished: ") + done[:200],
-                     "the run finished", "", "run")
-    return judge("run.outcome", False, f"no end line in {record.path / 'train.log'}", "the run finished",
-                 "the run is still going, or was killed (out of memory? Ctrl-C?)", "run", warn=True)
+    """How the run ended, from its `end` event: finished, stopped early, failed, stopped by a signal, or unknown."""
+    end = run_end(record)
+    if end is None:
+        return judge("run.outcome", False, "unknown (no end event: the run was killed, or is still going)",
+                     "the run ended by itself", "the run is still going, or was killed (out of memory? SIGKILL?): "
+                     "resume it with --resume <run>/last.pt", "run", warn=True)
+    outcome, reason = end.get("outcome", "?"), str(end.get("reason", ""))
+    value = f"{outcome} after {end.get('epochs_done')} epoch(s), step {end.get('step')}: {reason[:300]}"
+    if outcome == "failed":
+        return judge("run.outcome", False, value, "the run finished", "the run stopped: see the causes ranked "
+                     "above and the skipped-step reasons", "run")
+    if outcome == "stopped":
+        return judge("run.outcome", False, value, "the run finished", "stopped by a signal: resume it with "
+                     "--resume <run>/last.pt", "run", warn=True)
+    return judge("run.outcome", True, value, "the run finished (whether it learned: run.learned)", "", "run")
 
 
 def check_run_metrics(rows: list[dict[str, str]], min_lr: float) -> list[Check]:
-    def column(name: str) -> list[float]:
-        return [float(r[name]) if r.get(name) not in (None, "") else math.nan for r in rows]
-
-    epochs = [int(float(e)) for e in column("epoch")]
-    val = {k: column(k) for k in ("val_loss", "val_miou", "val_cls_acc")}
+    epochs = [int(float(e)) for e in column(rows, "epoch")]
+    val = {k: column(rows, k) for k in ("val_loss", "val_miou", "val_cls_acc")}
     nonfinite = [e for e, v in zip(epochs, val["val_loss"]) if not math.isfinite(v)]
-    low_lr = [f"{e} ({lr:.3g})" for e, lr in zip(epochs, column("lr")) if lr < min_lr * (1 - 1e-9)]
+    low_lr = [f"{e} ({lr:.3g})" for e, lr in zip(epochs, column(rows, "lr")) if lr < min_lr * (1 - 1e-9)]
     miou, acc = val["val_miou"], val["val_cls_acc"]
     zero = all(v == 0 for v in miou) or all(v == 0 for v in acc)
     flat = len(rows) >= 3 and len(set(miou)) == 1
-    train = [(e, v) for e, v in zip(epochs, column("train_loss")) if math.isfinite(v)]
+    train = [(e, v) for e, v in zip(epochs, column(rows, "train_loss")) if math.isfinite(v)]
     checks = [
         judge("run.val_finite", not nonfinite, f"non-finite val loss in epochs {nonfinite}" if nonfinite else
               f"{len(rows)} epochs, val loss finite", "finite every epoch",
@@ -1018,7 +1056,7 @@ def check_run_metrics(rows: list[dict[str, str]], min_lr: float) -> list[Check]:
     return checks
 
 
-# ---- 13. Bad batch replay ----
+# ---- bad_batch: replay a batch the guard skipped ----
 def read_bad_batch(path: str | Path) -> dict[str, Any]:
     try:
         return T.load_bad_batch(path)
@@ -1080,8 +1118,8 @@ def check_bad_batch(payload: dict[str, Any], cfg: Config, device: torch.device) 
     if loss_safe(masks, labels, run_cfg):
         fp32 = find_nonfinite(model, images, masks, labels, loss_fn)
         checks += check_nonfinite(fp32, "bad_batch.nan", payload.get("amp", "off"))
-        if AMP_DTYPES.get(payload.get("amp")) is not None:
-            amp = find_nonfinite(model, images, masks, labels, loss_fn, AMP_DTYPES[payload["amp"]])
+        if payload.get("amp", "off") != "off":
+            amp = find_nonfinite(model, images, masks, labels, loss_fn, payload["amp"])
             checks += check_nonfinite(amp, "bad_batch.nan", payload["amp"])
     else:
         checks.append(skip("bad_batch.nan", "mask or label values out of range would crash the loss"))
@@ -1090,8 +1128,9 @@ def check_bad_batch(payload: dict[str, Any], cfg: Config, device: torch.device) 
 
 def loss_safe(masks: torch.Tensor, labels: torch.Tensor, cfg: Config) -> bool:
     """True when cross-entropy can run: every mask value a class or ignore_index, every label a class."""
-    valid = ((masks >= 0) & (masks < cfg.num_seg_classes)) | (masks == cfg.ignore_index)
-    return bool(torch.stack([valid.all(), ((labels >= 0) & (labels < cfg.num_cls_classes)).all()]).all())
+    values = masks.unique().cpu().numpy()
+    labels_ok = bool(((labels >= 0) & (labels < cfg.num_cls_classes)).all())
+    return labels_ok and invalid_mask_values(values, cfg.num_seg_classes, cfg.ignore_index).size == 0
 
 
 # ---- Running it ----
@@ -1194,7 +1233,7 @@ class Reporter:
 
 
 def diagnose_model(model: nn.Module, tensors: tuple[torch.Tensor, ...], cfg: Config, out: Reporter) -> bool:
-    """Checks 3-6; True when forward and loss work, so the later checks can run."""
+    """The model, loss, grad and update checks; True when forward and loss work, so the later checks can run."""
     images, masks, labels = tensors
     later = ("grad", "update.ratio")
     if any(c.status == "FAIL" and c.name in ("model.forward", "model.heads")
@@ -1216,12 +1255,12 @@ def diagnose_model(model: nn.Module, tensors: tuple[torch.Tensor, ...], cfg: Con
 
 def diagnose_learning(model: nn.Module, tensors: tuple[torch.Tensor, ...], cfg: Config,
                       options: argparse.Namespace, out: Reporter) -> None:
-    """Checks 8-10: NaN finder (float32, and the AMP dtype when asked), overfit, input dependence."""
+    """The nan checks (float32, and the AMP dtype when asked), then overfit and input_dependence."""
     loss_fn = T.build_loss(cfg).to(tensors[0].device)
     out.add(check_nonfinite(find_nonfinite(model, *tensors, loss_fn), "nan", cfg.amp))
     amp = options.autocast or cfg.amp
-    if AMP_DTYPES[amp] is not None:
-        out.add(check_nonfinite(find_nonfinite(model, *tensors, loss_fn, AMP_DTYPES[amp]), "nan", amp))
+    if amp != "off":
+        out.add(check_nonfinite(find_nonfinite(model, *tensors, loss_fn, amp), "nan", amp))
     if options.quick:
         out.skip(("overfit", "input_dependence"), "--quick")
         return
@@ -1271,7 +1310,8 @@ def diagnose(cfg: Config, options: argparse.Namespace, inputs: Inputs, out: Repo
                  "needs trained weights: pass --checkpoint runs/X/last.pt" if inputs.checkpoint is None else
                  "the checkpoint is not usable (see checkpoint.*)")
     if inputs.run is not None:
-        out.add(check_run(inputs.run, cfg))
+        baselines = data_baselines(cfg, *setup.splits.values()) if setup.splits else None
+        out.add(check_run(inputs.run, cfg, baselines))
     if inputs.bad_batch is not None:
         out.add(check_bad_batch(inputs.bad_batch, cfg, device))
 

@@ -38,6 +38,32 @@ _PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 2
 _STEP_SCALARS = ("loss", "seg_loss", "cls_loss", "grad_norm", "lr", "skipped_epoch", "images_per_s")
 
 
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_seg_loss", "train_cls_loss", "train_cls_acc", "skipped_steps",
+                  "rollbacks", "val_loss", "val_seg_loss", "val_cls_loss", "val_miou", "val_pixel_acc", "val_cls_acc",
+                  "val_cls_f1", "seconds"]
+
+
+def write_metrics_row(path: Path, row: dict[str, Any]) -> None:
+    """Append one epoch's row to metrics.csv (the header first, on a new file)."""
+    new = not path.exists()
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    """The rows of a metrics.csv as written by write_metrics_row."""
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def column(rows: list[dict[str, str]], name: str) -> list[float]:
+    """One metrics.csv column as floats; NaN where a row has no value."""
+    return [float(r[name]) if r.get(name) not in (None, "") else math.nan for r in rows]
+
+
 def seg_palette(num_classes: int) -> list[tuple[int, int, int]]:
     """One RGB colour per segmentation class; entry 0 (background) is never painted."""
     colours = _PALETTE[:num_classes]
@@ -133,13 +159,8 @@ def draw_curves(metrics_csv: Path, out: Path) -> None:
     from matplotlib.figure import Figure  # the object API: no pyplot, no global backend switch
     from matplotlib.ticker import MaxNLocator
 
-    with open(metrics_csv, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-
-    def column(name: str) -> list[float]:
-        return [float(r[name]) if r.get(name) not in (None, "") else math.nan for r in rows]
-
-    epochs = column("epoch")
+    rows = read_metrics(metrics_csv)
+    epochs = column(rows, "epoch")
     fig = Figure(figsize=CURVES_INCHES, dpi=CURVES_DPI)
     axes = fig.subplots(2, 3).ravel()
     # Fixed margins: layout="constrained" re-solves the layout and doubled the redraw time (0.6 -> 1.2 s).
@@ -150,13 +171,13 @@ def draw_curves(metrics_csv: Path, out: Path) -> None:
               ("classification", ["train_cls_acc", "val_cls_acc", "val_cls_f1"]), ("learning rate", ["lr"])]
     for ax, (title, keys) in zip(axes, panels):
         for key in keys:
-            ax.plot(epochs, column(key), marker="o", markersize=3, label=key)
+            ax.plot(epochs, column(rows, key), marker="o", markersize=3, label=key)
         ax.set_title(title)
         ax.legend(fontsize=8)
     axes[4].set_yscale("log")
-    axes[5].bar(epochs, column("skipped_steps"), color="tab:red")
+    axes[5].bar(epochs, column(rows, "skipped_steps"), color="tab:red")
     axes[5].set_title("skipped steps")
-    axes[5].set_ylim(0, max([1.0] + [v for v in column("skipped_steps") if not math.isnan(v)]) * 1.1)
+    axes[5].set_ylim(0, max([1.0] + [v for v in column(rows, "skipped_steps") if not math.isnan(v)]) * 1.1)
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -45,10 +46,11 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
-from config import Config, ConfigError, build_parser, load_config, validate
-from data import (IMAGENET_MEAN, IMAGENET_STD, DataError, build_datasets, build_loaders, class_names, open_image,
-                  report_data, resolve_data_settings)
-from results import ResultsRecorder, overlay_mask, save_png, seg_palette
+from config import (INVOCATION_ONLY, Config, ConfigError, build_parser, defaults, effective_warmup_epochs,
+                    load_config, validate)
+from data import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Baselines, DataError, build_datasets, build_loaders,
+                  class_names, data_baselines, image_files, open_image, report_data, resolve_data_settings)
+from results import METRIC_COLUMNS, ResultsRecorder, overlay_mask, save_png, seg_palette, write_metrics_row
 
 log = logging.getLogger("adaptivestream")
 
@@ -231,7 +233,7 @@ class AdaptiveStream(nn.Module):
                 nn.init.zeros_(module.bias)
         # Small last layers: logit std about 0.7 at init, so each head's initial loss is within a few
         # percent of ln(C). Much smaller (1e-3) measured slower: Adam grows a weight by ~lr per step,
-        # and the seg head took >1000 steps to beat the class prior (see the closing note of issue 2).
+        # and the seg head took >1000 steps to beat the class prior.
         for head in (self.seg_head, self.cls_head[-1]):
             nn.init.normal_(head.weight, std=0.5 * head.weight[0].numel() ** -0.5)
             nn.init.zeros_(head.bias)
@@ -369,13 +371,22 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.base_lr, fused=True)
 
 
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(amp: str, device: torch.device):
+    """The forward pass's precision context for an AMP setting (off | bf16 | fp16); the loss stays float32."""
+    dtype = AMP_DTYPES[amp]
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 def build_scaler(cfg: Config, device: torch.device) -> torch.amp.GradScaler | None:
     """fp16 needs loss scaling; bf16 and fp32 do not."""
     return torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> WarmupLRScheduler:
-    return WarmupLRScheduler(optimizer, warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+    return WarmupLRScheduler(optimizer, warmup_steps=round(effective_warmup_epochs(cfg) * steps_per_epoch),
                              total_steps=cfg.epochs * steps_per_epoch, min_lr=cfg.min_lr, decay=cfg.lr_decay,
                              gamma=cfg.lr_gamma, steps_per_epoch=steps_per_epoch)
 
@@ -588,6 +599,79 @@ def format_table(title: str, cm: np.ndarray, names: list[str], score: str) -> st
     return "\n".join(lines)
 
 
+# A head learned when its best val metric clears the baseline of its data by this share of the headroom
+# (1 - baseline): 0.05 puts the bar at mIoU 0.25 on the default synthetic data (baseline 0.21, the majority
+# class everywhere). Runs measured against it: a 10x-too-high LR ended at 0.211 (did not learn); quick_test
+# and the default run clear it by a wide margin.
+LEARNED_MARGIN = 0.05
+MEMORISING_TRAIN_SHARE = 0.5  # memorising: train cls acc clears the baseline by this share of the headroom...
+MEMORISING_LOSS_RATIO = 2.0  # ...or (seg, which has no train metric) val loss above this x train loss
+STILL_FALLING = 0.02  # the last epoch's train loss below the one before by this fraction: still learning
+# head -> (val metric column, its name, train-metric column or None)
+HEAD_METRICS = {"seg": ("val_miou", "mIoU", None), "cls": ("val_cls_acc", "cls acc", "train_cls_acc")}
+
+
+@dataclass
+class HeadVerdict:
+    """Whether one head learned, against the baselines of its data; `kind` names the likely cause."""
+
+    head: str
+    verdict: str  # learned | did not learn | memorising | not trained
+    metric: str
+    best: float  # best val metric over the epochs
+    baseline: float
+    kind: str = ""  # lr | memorising | too_few_steps | no_signal (why it did not learn)
+    cause: str = ""  # one line for a person
+
+    def line(self) -> str:
+        text = f"{self.head} {self.verdict}: best val {self.metric} {self.best:.4f} vs baseline {self.baseline:.4f}"
+        return text + (f"; {self.cause}" if self.cause else "")
+
+
+def _finite(values: Iterable[float]) -> list[float]:
+    return [v for v in values if math.isfinite(v)]
+
+
+def judge_head(head: str, rows: list[dict[str, float]], baselines: Baselines, cfg: Config) -> HeadVerdict:
+    """Verdict of one head from the epoch rows (metrics.csv's columns, as floats)."""
+    metric, name, train_metric = HEAD_METRICS[head]
+    baseline = baselines.seg_majority_miou if head == "seg" else baselines.cls_baseline()
+    best = max(_finite(r[metric] for r in rows), default=math.nan)
+    if getattr(cfg, f"{head}_weight") == 0:
+        return HeadVerdict(head, "not trained", name, best, baseline, cause=f"{head}_weight is 0")
+    uniform = getattr(baselines, f"{head}_uniform_loss")
+    warm = [r for r in rows if r["epoch"] > effective_warmup_epochs(cfg)] or rows[-1:]
+    losses = _finite(r[f"train_{head}_loss"] for r in warm)
+    below_uniform = bool(losses) and min(losses) < uniform
+    if best >= baseline + LEARNED_MARGIN * (1 - baseline) and below_uniform:
+        return HeadVerdict(head, "learned", name, best, baseline)
+    last = rows[-1]
+    train = last[train_metric] if train_metric else math.nan
+    if (train_metric and train >= baseline + MEMORISING_TRAIN_SHARE * (1 - baseline)) or (
+            not train_metric and last[f"val_{head}_loss"] > MEMORISING_LOSS_RATIO * last[f"train_{head}_loss"]):
+        seen = f"train {name} {train:.4f}" if train_metric else (
+            f"train loss {last[f'train_{head}_loss']:.4f}, val loss {last[f'val_{head}_loss']:.4f}")
+        return HeadVerdict(head, "memorising", name, best, baseline, "memorising",
+                           f"memorising: {seen}, val near the baseline: more data or augmentation, or regularise")
+    loss = last[f"train_{head}_loss"]
+    previous = rows[-2][f"train_{head}_loss"] if len(rows) > 1 else math.nan
+    if not math.isfinite(loss) or loss > uniform:
+        kind, cause = "lr", (f"the train loss rose above a uniform guess ({loss:.4g} > {uniform:.4f}): the learning "
+                             f"rate is too high (base_lr {cfg.base_lr:g}); lower --base-lr")
+    elif loss < previous * (1 - STILL_FALLING):
+        kind, cause = "too_few_steps", (f"too few steps: the train loss was still falling ({previous:.4f} -> "
+                                        f"{loss:.4f}); train longer (--epochs)")
+    else:
+        kind, cause = "no_signal", (f"the train loss stayed at {loss:.4f} (uniform guess {uniform:.4f}): check that "
+                                    f"masks and labels match the images")
+    return HeadVerdict(head, "did not learn", name, best, baseline, kind, cause)
+
+
+def judge_learning(rows: list[dict[str, float]], baselines: Baselines, cfg: Config) -> dict[str, HeadVerdict]:
+    """Per-head verdicts of a run from its epoch rows; {} when no epoch finished."""
+    return {head: judge_head(head, rows, baselines, cfg) for head in HEAD_METRICS} if rows else {}
+
+
 # ---- Checkpoints ----
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file. main() exits with code 2."""
@@ -710,6 +794,8 @@ class TrainState:
     bad_batches_saved: int = 0
     accepted_since_snapshot: int = 0
     epoch_sums: dict[str, float] = field(default_factory=dict)  # this epoch so far (for its metrics row)
+    history: list[dict[str, float]] = field(default_factory=list)  # each finished epoch's metrics row (the verdict's)
+    early_stop: str = ""  # why the run stopped before EPOCHS, if it did
 
 
 class StopRequested(Exception):
@@ -737,6 +823,7 @@ class Run:
     stop_signal: str | None = None  # set by the SIGTERM/SIGINT handler; checked after each step
     rank: int = 0
     world_size: int = 1  # processes under torchrun
+    baselines: Baselines | None = None  # what a model that learned nothing scores on this data
 
     @property
     def is_main(self) -> bool:
@@ -744,10 +831,7 @@ class Run:
         return self.rank == 0
 
     def autocast(self):
-        if self.cfg.amp == "off":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.cfg.amp, self.device)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -987,20 +1071,6 @@ def recalibrate_bn(model: nn.Module, loader: DataLoader, batches: int, device: t
         norm.momentum = momentum
 
 
-METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_seg_loss", "train_cls_loss", "train_cls_acc", "skipped_steps",
-                  "rollbacks", "val_loss", "val_seg_loss", "val_cls_loss", "val_miou", "val_pixel_acc", "val_cls_acc",
-                  "val_cls_f1", "seconds"]
-
-
-def write_metrics_row(path: Path, row: dict[str, Any]) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
 def checkpoint_payload(run: Run) -> dict[str, Any]:
     cfg = run.cfg
     return {"format": CHECKPOINT_FORMAT, **training_state(run), "state": asdict(run.state), "config": cfg.to_dict(),
@@ -1012,6 +1082,9 @@ def resume(run: Run, payload: dict[str, Any]) -> None:
     """Put a run back exactly where a checkpoint left it (weights, optimizer, schedule, RNG, data position)."""
     restore_training_state(run, payload)
     run.state = TrainState(**payload["state"])
+    # The run's length is this command's: --epochs M > the saved EPOCHS continues the schedule to M.
+    run.scheduler.total_steps = run.cfg.epochs * run.steps_per_epoch
+    run.scheduler.refresh()
 
 
 def _end_epoch(run: Run, epoch: int, train: dict[str, float], start: float) -> dict[str, Any]:
@@ -1026,6 +1099,12 @@ def _end_epoch(run: Run, epoch: int, train: dict[str, float], start: float) -> d
     state.epoch, state.batch = epoch + 1, 0
     row = {"epoch": epoch + 1, "lr": run.scheduler.get_last_lr()[0], **train, "rollbacks": state.rollbacks,
            **{k: v for k, v in val.items() if not k.endswith("_cm")}, "seconds": time.perf_counter() - start}
+    state.history.append({k: float(v) for k, v in row.items() if k in METRIC_COLUMNS})
+    uniform = run.baselines.uniform_loss if run.baselines else math.inf
+    if epoch + 1 > effective_warmup_epochs(cfg) and not row["train_loss"] < uniform:
+        log.warning("epoch %d: mean train loss %.4f is above the loss of a uniform guess (%.4f) after warm-up: the "
+                    "learning rate (%.3g now, base_lr %g) is probably too high", epoch + 1, row["train_loss"], uniform,
+                    row["lr"], cfg.base_lr)
     improved = val["val_miou"] > state.best_miou
     if improved:
         state.best_miou, state.best_epoch, state.epochs_since_best = val["val_miou"], epoch + 1, 0
@@ -1065,9 +1144,10 @@ def fit(run: Run) -> dict[str, Any]:
             raise
         row = _end_epoch(run, epoch, train, start)
         recorder.record_epoch(epoch + 1, row)
-        if state.epochs_since_best >= cfg.patience:
-            log.info("early stop: no better val mIoU for %d epochs (best %.4f at epoch %d)",
-                     cfg.patience, state.best_miou, state.best_epoch)
+        if state.epochs_since_best >= cfg.patience and epoch + 1 < cfg.epochs:
+            state.early_stop = (f"no better val mIoU for {cfg.patience} epochs (best {state.best_miou:.4f} at epoch "
+                                f"{state.best_epoch})")
+            log.info("early stop: %s", state.early_stop)
             break
     recorder.close()
     if row and not row["saved"]:
@@ -1143,21 +1223,14 @@ def evaluate_checkpoint(cfg: Config, argv: list[str] | None) -> int:
 
 
 def list_images(path: Path) -> list[Path]:
-    """PATH itself, or the image files (by extension) directly inside the folder PATH, sorted."""
+    """PATH itself, or the image files directly inside the folder PATH, sorted."""
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise DataError(f"predict: {path} does not exist; give an image file or a folder of images")
-    suffixes = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+    files = image_files(path, "both would write the same masks/<stem>.png; rename one or predict them separately")
     if not files:
-        raise DataError(f"predict: no image files in {path} (looked for .jpg, .png, .bmp, .webp, ...)")
-    stems: dict[str, Path] = {}
-    for file in files:
-        if file.stem in stems:
-            raise DataError(f"predict: {stems[file.stem].name} and {file.name} would both write masks/"
-                            f"{file.stem}.png; rename one or predict them separately")
-        stems[file.stem] = file
+        raise DataError(f"predict: no image files in {path} (looked for {' '.join(IMAGE_EXTENSIONS)})")
     return files
 
 
@@ -1225,11 +1298,20 @@ def predict_images(cfg: Config, argv: list[str] | None) -> int:
 
 # ---- main ----
 def resolve_device(name: str) -> torch.device:
+    """auto -> cuda if available else cpu; raise ConfigError naming the devices this machine has."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name!r} requested but CUDA is not available; use --device cpu")
+        return torch.device("cuda" if count else "cpu")
+    have = "cpu" + "".join(f", cuda:{i}" for i in range(count)) + " (or auto)"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device: {name!r} is not a device this script trains on; this machine has: {have}")
+    if device.type == "cuda" and (count == 0 or (device.index or 0) >= count):
+        raise ConfigError(f"device: {name!r} requested but " + ("CUDA is not available" if count == 0 else
+                          f"there are only {count} CUDA device(s)") + f"; this machine has: {have}")
     return device
 
 
@@ -1262,8 +1344,9 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     seed_everything(cfg.seed)  # the same initial weights on every rank
     train_ds, val_ds = build_datasets(cfg)
     resolve_data_settings(cfg, train_ds)
+    baselines = data_baselines(cfg, train_ds, val_ds)
     if rank == 0:
-        report_data(cfg, train_ds, val_ds, run_dir)
+        report_data(cfg, train_ds, val_ds, run_dir, baselines)
     train_loader, val_loader = build_loaders(cfg, train_ds, val_ds, device, rank, world_size)
     model = build_model(cfg).to(device)
     if cfg.channels_last:
@@ -1281,7 +1364,8 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     return Run(cfg=cfg, model=model, loss_fn=build_loss(cfg).to(device), optimizer=optimizer, scheduler=scheduler,
                guard=guard, device=device, train_loader=train_loader, val_loader=val_loader, run_dir=run_dir,
-               steps_per_epoch=steps_per_epoch, scaler=build_scaler(cfg, device), rank=rank, world_size=world_size)
+               steps_per_epoch=steps_per_epoch, scaler=build_scaler(cfg, device), rank=rank, world_size=world_size,
+               baselines=baselines)
 
 
 def resume_path(cfg: Config, run_dir: Path) -> Path | None:
@@ -1308,37 +1392,106 @@ def install_stop_handlers(run: Run) -> dict[int, Any]:
 
 
 def _start(cfg: Config) -> tuple[Run, list[logging.Handler]]:
-    """Run folder, logging and the Run, resumed if asked."""
+    """Run folder, logging and the Run, resumed if asked. A start-up error removes a run folder it created."""
     world_size, is_main = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")) == 0
     if world_size > 1 and not cfg.out_dir:
         raise ConfigError("out_dir: under torchrun pass --out-dir, so that every rank uses the same run folder")
     if world_size > 1 and cfg.sync_bn and not str(cfg.device).startswith(("cuda", "auto")):
         raise ConfigError("sync_bn: SyncBatchNorm needs CUDA; drop --sync-bn on CPU")
+    resolve_device(cfg.device)  # a bad --device stops here, before any folder is made
     if cfg.scale_lr and world_size > 1:
         cfg.base_lr *= world_size  # linear scaling rule (Goyal et al., 2017)
     run_dir = Path(cfg.out_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
     cfg.out_dir = str(run_dir)
+    created = is_main and not run_dir.exists()
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     handlers = setup_logging(run_dir if is_main else None, quiet=not is_main)
-    if is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        log.info("resolved config (also in %s):\n%s", run_dir / "config.yaml",
-                 yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
-    run = build_run(cfg, run_dir)
+    try:
+        return _build_and_resume(cfg, run_dir, is_main), handlers
+    except (ConfigError, DataError, CheckpointError):
+        if created:  # nothing trained: leave no half-made run folder behind
+            for handler in handlers:
+                log.removeHandler(handler)
+                handler.close()
+            shutil.rmtree(run_dir, ignore_errors=True)
+            handlers.clear()
+        raise
+
+
+def _build_and_resume(cfg: Config, run_dir: Path, is_main: bool) -> Run:
     checkpoint = resume_path(cfg, run_dir)
+    if checkpoint is not None and not checkpoint.is_file():  # before the data scan, which can take minutes
+        raise CheckpointError(f"resume: checkpoint {checkpoint} does not exist")
+    if cfg.warmup_epochs >= cfg.epochs:
+        log.info("warmup_epochs %g >= epochs %d: warm-up shortened to %g epochs (half the run)", cfg.warmup_epochs,
+                 cfg.epochs, effective_warmup_epochs(cfg))
+    if is_main:
+        saved = {k: v for k, v in cfg.to_dict().items() if k not in INVOCATION_ONLY}
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+        changed = {k: v for k, v in saved.items() if v != defaults().get(k)}
+        log.info("settings that differ from config.py (all of them: %s): %s", run_dir / "config.yaml",
+                 ", ".join(f"{k}={v}" for k, v in changed.items()) or "none")
+    run = build_run(cfg, run_dir)
     if checkpoint is not None:
         resume(run, load_checkpoint(checkpoint, cfg))
         log.info("resumed from %s: epoch %d, batch %d of %d, step %d, %d rollbacks, LR scale %g", checkpoint,
                  run.state.epoch + 1, run.state.batch, run.steps_per_epoch, run.state.step, run.state.rollbacks,
                  run.state.lr_scale)
+        if run.state.epoch >= cfg.epochs:
+            log.warning("the run in %s already finished at epoch %d: nothing to train. To train further, resume with "
+                        "--epochs M for some M > %d", checkpoint, run.state.epoch, run.state.epoch)
     params = sum(p.numel() for p in run.model.parameters())
     log.info("device %s | %s backbone | %.2fM parameters | %d train / %d val images | %d steps per epoch",
-             run.device, cfg.backbone, params / 1e6, len(run.train_loader.dataset), len(run.val_loader.dataset),
-             run.steps_per_epoch)
+             run.device, cfg.backbone, params / 1e6, len(run.train_loader.dataset),
+             len(run.val_loader.dataset.dataset), run.steps_per_epoch)
     log.info("global batch %d = batch_size %d x %d process(es); base_lr %g (scale_lr %s)",
              cfg.batch_size * run.world_size, cfg.batch_size, run.world_size, cfg.base_lr, cfg.scale_lr)
-    return run, handlers
+    return run
+
+
+def end_run(run: Run, outcome: str, reason: str, code: int,
+            verdicts: dict[str, HeadVerdict] | None = None) -> int:
+    """Write the run's last record, the `end` event of steps.jsonl, and return the exit code.
+
+    outcome: finished | early_stop (both judged by the verdict) | failed | stopped.
+    """
+    state = run.state
+    record = {"event": "end", "outcome": outcome, "reason": reason, "exit_code": code,
+              "learned": None if not verdicts else all(v.verdict in ("learned", "not trained")
+                                                       for v in verdicts.values()),
+              "verdict": {head: asdict(v) for head, v in (verdicts or {}).items()},
+              "epochs_done": len(state.history), "step": state.step,
+              "final": state.history[-1] if state.history else {},
+              "best": {"val_miou": state.best_miou, "epoch": state.best_epoch},
+              "baselines": asdict(run.baselines) if run.baselines else {},
+              "skipped": state.skipped, "rollbacks": state.rollbacks}
+    _append_jsonl(run, [record])
+    return code
+
+
+def conclude(run: Run) -> int:
+    """The verdict of a run that ran out of epochs (or stopped early): learned (0) or not (1), said loudly."""
+    cfg, state = run.cfg, run.state
+    verdicts = judge_learning(state.history, run.baselines, cfg)
+    failed = [v for v in verdicts.values() if v.verdict in ("did not learn", "memorising")]
+    skipped = sum(state.skipped.values())
+    summary = (f"best val mIoU {state.best_miou:.4f} at epoch {state.best_epoch}; {skipped} skipped steps"
+               f"{f' {state.skipped}' if skipped else ''}; {state.rollbacks} rollbacks; run folder {run.run_dir}")
+    outcome = "early_stop" if state.early_stop else "finished"
+    if not verdicts:
+        log.warning("done: no epoch row to judge (the checkpoint predates the verdict): %s", summary)
+        return end_run(run, outcome, "no epoch to judge", 0)
+    for verdict in verdicts.values():
+        (log.error if verdict in failed else log.info)("verdict: %s", verdict.line())
+    if failed:
+        reason = "; ".join(f"{v.head} head {v.verdict} ({v.metric} {v.best:.4f}, baseline {v.baseline:.4f})"
+                           for v in failed)
+        log.error("%s: %s; likely cause: %s. Diagnose: python diagnose_training.py --run %s", "did not learn" if any(
+            v.verdict == "did not learn" for v in failed) else "memorising", reason, failed[0].cause, run.run_dir)
+        return end_run(run, outcome, reason, 1 if cfg.require_learning else 0, verdicts)
+    log.info("done: learned; %s", summary)
+    return end_run(run, outcome, "learned", 0, verdicts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1351,23 +1504,18 @@ def main(argv: list[str] | None = None) -> int:
             return (evaluate_checkpoint if cfg.eval_only else predict_images)(cfg, argv)
         run, handlers = _start(cfg)
         previous_handlers = install_stop_handlers(run)
-        result = fit(run)
-        state = run.state
-        log.info("done: best val mIoU %.4f at epoch %d; last val cls acc %.4f; %d skipped steps %s; "
-                 "%d rollbacks; run folder %s", state.best_miou, state.best_epoch,
-                 result.get("val_cls_acc", float("nan")), sum(state.skipped.values()), state.skipped or "",
-                 state.rollbacks, run.run_dir)
-        return 0
+        fit(run)
+        return conclude(run)
     except (ConfigError, DataError, CheckpointError) as err:
         (log.error if handlers else lambda m, e: print(m % e, file=sys.stderr))("error: %s", err)
         return 2
     except TrainingFailed as err:
         log.error("training failed: %s", err)
-        return 1
+        return end_run(run, "failed", str(err), 1)
     except StopRequested as err:
         log.warning("stopped by %s at epoch %d, step %d; last.pt is saved. Resume with the same command plus "
                     "--resume %s", err, run.state.epoch + 1, run.state.step, run.run_dir / "last.pt")
-        return 0 if str(err) == "SIGTERM" else 130
+        return end_run(run, "stopped", f"{err} at step {run.state.step}", 0 if str(err) == "SIGTERM" else 130)
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)

@@ -53,7 +53,6 @@ def test_int_is_accepted_for_a_float_but_not_the_reverse():
     (["--base-lr", "-1"], "base_lr: must be > 0"),
     (["--min-lr", "0.1"], r"min_lr \(0.1\) is above base_lr"),
     (["--image-size", "0"], "image_size: must be > 0"),
-    (["--warmup-epochs", "20", "--epochs", "10"], "warmup_epochs"),
     (["--lr-decay", "cosin"], "did you mean 'cosine'"),
     (["--base-lr", "fast"], "--base-lr: expected float"),
     (["--ignore-index", "1"], "ignore_index"),

@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 import train_enhanced_adaptivestream as T
-from data import DataError, DataStats, IMAGENET_MEAN, IMAGENET_STD, build_datasets, build_loaders, report_data, resolve_data_settings
+from data import DataError, DataStats, IMAGENET_MEAN, IMAGENET_STD, build_datasets, build_loaders, data_baselines, report_data, resolve_data_settings
 from config import ConfigError, load_config
 from conftest import TINY
 from fake_data import HEIGHT, PET_BREEDS, WIDTH, face_image, make_oxford_pet, make_utkface_folder
@@ -378,7 +378,7 @@ def test_summary_warns_when_one_class_holds_over_95_percent(utk, tmp_path, recor
         Image.fromarray(mask).save(path)
     cfg = folder_cfg(utk)
     train, val = build_datasets(cfg)
-    report_data(cfg, train, val, tmp_path)
+    report_data(cfg, train, val, tmp_path, data_baselines(cfg, train, val))
     warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "seg0 holds 98.6% of the training mask pixels" in warnings[0]
     assert "--seg-class-weights auto" in warnings[0]

@@ -227,7 +227,7 @@ def test_fp16_overflow_is_named_in_float32_and_found_under_fp16_autocast():
     fp32 = D.find_nonfinite(model, images, masks, labels, loss_fn)
     assert fp32.forward_producer is None
     assert fp32.fp16_overflow[0].startswith("encoder.stages.0.0.0 ")
-    fp16 = D.find_nonfinite(model, images, masks, labels, loss_fn, torch.float16)
+    fp16 = D.find_nonfinite(model, images, masks, labels, loss_fn, "fp16")
     assert fp16.forward_producer == "encoder.stages.0.0.0"
 
 
@@ -282,7 +282,7 @@ def test_run_that_stopped_on_skipped_steps_fails_outcome_and_metrics(tmp_path):
     assert T.main(argv) == 1  # more than max_skip_fraction 0.25 of the epoch skipped: stopped, no metrics row
     checks = D.check_run(D.read_run_folder(run), load_config(argv))
     outcome = by_name(checks, "run.outcome")
-    assert outcome.status == "FAIL" and outcome.value.startswith("2 of 4 steps in epoch 1 were skipped")
+    assert outcome.status == "FAIL" and outcome.value.startswith("failed after 0 epoch(s), step 2: 2 of 4 steps in epoch 1 were skipped")
     assert by_name(checks, "run.skipped").value == "epoch 1: 2/2 (100%); gradient explosion x2"
     assert by_name(checks, "run.metrics").status == "FAIL"
 
