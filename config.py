@@ -7,7 +7,7 @@ on the command line. Unknown keys, wrong types and out-of-range values stop with
 message that names the key (and the closest valid name for a typo).
 
     python config.py            # print the defaults as YAML
-    python config.py --markdown # the README's configuration table
+    python config.py --markdown # the table of docs/configuration.md
 """
 
 from __future__ import annotations
@@ -393,7 +393,8 @@ def load_config(argv: list[str] | None = None, prog: str | None = None) -> Confi
 def markdown_table() -> str:
     rows = ["| YAML key / flag | default | meaning |", "| --- | --- | --- |"]
     for name, (_, default, help_text) in settings().items():
-        rows.append(f"| `{name.lower()}` / `{flag(name)}` | `{default}` | {help_text.replace('|', '/')} |")
+        shown = f"`{default}`" if default != "" else '`""`'
+        rows.append(f"| `{name.lower()}` / `{flag(name)}` | {shown} | {help_text.replace('|', chr(92) + '|')} |")
     return "\n".join(rows)
 
 

@@ -368,7 +368,7 @@ def list_folder(cfg: Config) -> list[FolderRecord]:
     for folder in (images_dir, masks_dir):
         if not folder.is_dir():
             raise DataError(f"{folder} is not a folder: a folder dataset needs images/ and masks/ under "
-                            f"{root} (see README, 'Train on your own data')")
+                            f"{root} (see docs/data.md)")
     files = image_files(images_dir, "their masks would be the same file")
     if not files:
         raise DataError(f"{images_dir} holds no images ({' '.join(IMAGE_EXTENSIONS)}): the dataset is empty")
