@@ -981,8 +981,8 @@ def check_learning(rows: list[dict[str, float]], baselines: Baselines, cfg: Conf
     failed = [v for v in verdicts.values() if v.verdict in ("did not learn", "memorising")]
     kind = failed[0].kind if failed else ""
     checks = [judge("run.learned", not failed, "; ".join(v.line() for v in verdicts.values()),
-                    f"best val metric >= baseline + {T.LEARNED_MARGIN:g} x (1 - baseline), train loss below a "
-                    f"uniform guess", failed[0].cause if failed else "", VERDICT_CAUSES.get(kind, "run"),
+                    f"best val metric >= baseline + {T.LEARNED_MARGIN:g} x (1 - baseline) (accuracy: and 2 standard "
+                    f"errors), train loss below a uniform guess", failed[0].cause if failed else "", VERDICT_CAUSES.get(kind, "run"),
                     details={head: asdict(v) for head, v in verdicts.items()})]
     last = rows[-1]
     cls_gap = last["train_cls_acc"] - last["val_cls_acc"]
