@@ -92,9 +92,10 @@ VIS_EVERY: int = 1  # write vis/epoch_N.png (predictions on fixed val images) ev
 VIS_SAMPLES: int = 8  # validation images in the prediction grid (the first ones of the val set)
 TENSORBOARD: bool = False  # also log scalars and the prediction grid to OUT_DIR/tensorboard (pip install tensorboard)
 EVAL_ONLY: bool = False  # evaluate --checkpoint on the val split: tables, eval.json, confusion CSVs; no training
-CHECKPOINT: str | None = None  # checkpoint for --eval-only / --predict; its settings apply unless given again
+CHECKPOINT: str | None = None  # checkpoint for --eval-only / --predict / --export (--predict also takes a .pt2 of --export); its settings apply unless given again
 PREDICT: str | None = None  # image file or folder: write masks, overlays and predictions.csv of --checkpoint to --out
 OUT: str | None = None  # output folder of --predict (required) and --eval-only (default: the checkpoint's folder)
+EXPORT: str | None = None  # write --checkpoint's model for deployment: PATH.pt2 (torch.export) or PATH.onnx, plus PATH.json (docs/export.md)
 
 # ---- Run ----
 SEED: int = 0  # seeds python, numpy and torch
@@ -317,18 +318,31 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_modes(cfg: Config) -> None:
-    """--eval-only / --predict and the keys that only they use."""
-    mode = "--eval-only" if cfg.eval_only else "--predict" if cfg.predict else None
-    if cfg.eval_only and cfg.predict:
-        raise ConfigError("eval_only, predict: choose one of --eval-only and --predict per command")
+    """--eval-only / --predict / --export and the keys that only they use."""
+    modes = [name for name, on in (("--eval-only", cfg.eval_only), ("--predict", cfg.predict),
+                                   ("--export", cfg.export)) if on]
+    if len(modes) > 1:
+        keys = ", ".join(name[2:].replace("-", "_") for name in modes)
+        raise ConfigError(f"{keys}: choose one of --eval-only, --predict and --export per command")
+    mode = modes[0] if modes else None
     if mode and not cfg.checkpoint:
         raise ConfigError(f"checkpoint: {mode} needs --checkpoint FILE.pt (for example runs/a/best.pt)")
     if cfg.predict and not cfg.out:
         raise ConfigError("out: --predict needs --out DIR for the masks, overlays and predictions.csv")
     if not mode and cfg.checkpoint:
-        raise ConfigError("checkpoint: only used with --eval-only or --predict; to continue training use --resume")
+        raise ConfigError("checkpoint: only used with --eval-only, --predict or --export; to continue training use "
+                          "--resume")
     if not mode and cfg.out:
         raise ConfigError("out: only used with --eval-only or --predict; a training run's folder is --out-dir")
+    if cfg.export:
+        if cfg.out:
+            raise ConfigError("out: --export writes to its own PATH (and PATH.json); drop --out")
+        if Path(cfg.export).suffix not in (".pt2", ".onnx"):
+            raise ConfigError(f"export: {cfg.export!r} must end in .pt2 (a torch.export program) or .onnx (ONNX)")
+        # The file is traced and checked on the CPU and loads on any device; a CUDA trace would not load without one.
+        if cfg.device not in ("auto", "cpu"):
+            raise ConfigError(f"device: --export runs on the CPU (move the loaded model with .to(device)); "
+                              f"drop --device {cfg.device}")
 
 
 def effective_warmup_epochs(cfg: Config) -> float:

@@ -9,9 +9,11 @@ Commands (settings: config.py; every setting also takes a YAML key and a flag):
     python train_enhanced_adaptivestream.py --out-dir runs/a --resume runs/a/last.pt
     python train_enhanced_adaptivestream.py --eval-only --checkpoint runs/a/best.pt
     python train_enhanced_adaptivestream.py --predict photos/ --checkpoint runs/a/best.pt --out preds/
+    python train_enhanced_adaptivestream.py --export model.pt2 --checkpoint runs/a/best.pt  # or model.onnx
+    python train_enhanced_adaptivestream.py --predict photos/ --checkpoint model.pt2 --out preds/
 
-Exit codes: 0 finished; 1 training failed (diverged, too many skipped steps);
-2 bad usage or input (config, data, checkpoint), with a message naming the key or file.
+Exit codes: 0 finished; 1 training failed (diverged, too many skipped steps) or an exported file does not
+reproduce its model; 2 bad usage or input (config, data, checkpoint), with a message naming the key or file.
 """
 
 # ---- Imports and logging ----
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib
 import json
 import logging
 import math
@@ -31,7 +34,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -240,9 +243,10 @@ class AdaptiveStream(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         height, width = x.shape[-2:]
-        pad_h, pad_w = (-height) % 32, (-width) % 32
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))  # zero = the mean colour after normalisation
+        # Pad right and bottom with zeros (the mean colour after normalisation) to 32 * ceil(size / 32), also
+        # when that pad is 0 (then it is a copy): with no branch on the size and the padded size written as
+        # 32 * q, torch.export traces one graph that holds for every H and W (--export).
+        x = F.pad(x, (0, 32 * ((width + 31) // 32) - width, 0, 32 * ((height + 31) // 32) - height))
         feats = self.encoder(x)  # strides 2, 4, 8, 16, 32
         y = self.stream(feats[4])  # [B, stream, H/32, W/32]
         pooled = [y.mean(dim=(2, 3))]
@@ -1161,7 +1165,16 @@ def fit(run: Run) -> dict[str, Any]:
 
 # ---- Eval and predict ----
 _INVOCATION_KEYS = {"device", "out_dir", "resume", "vis_every", "vis_samples", "tensorboard", "eval_only",
-                    "checkpoint", "predict", "out"}
+                    "checkpoint", "predict", "out", "export"}
+EXPORT_FORMAT = "adaptivestream-export/1"  # tag of the PATH.json that --export writes beside its file
+EXPORT_OUTPUTS = ("seg_logits", "cls_logits")
+# An exported file is checked against its eager model at these inputs [B, H, W] and at the checkpoint's image
+# size: batches of 1 and more, a multiple of 32, odd sizes that take the pad-and-crop path, and a side under 32
+# (a 1-pixel bottleneck). A graph that holds only near its example input fails here, not in use.
+EXPORT_CHECK_SHAPES = ((2, 64, 64), (1, 77, 131), (3, 31, 45))
+# float32 logits. torch.export on the CPU runs the eager kernels (measured difference 0); ONNX Runtime fuses and
+# reorders sums (measured < 1e-6). A wrong weight, normalisation or BatchNorm mode moves logits by > 1e-2.
+EXPORT_ATOL, EXPORT_RTOL = 1e-4, 1e-4
 
 
 def given_settings(argv: list[str]) -> set[str]:
@@ -1261,15 +1274,54 @@ def predict_image(model: nn.Module, transform: v2.Transform, image: torch.Tensor
     return seg_logits.argmax(1)[0].cpu(), int(probs.argmax()), float(probs.max())
 
 
-def predict_images(cfg: Config, argv: list[str] | None) -> int:
-    """--predict: masks, overlays and predictions.csv for an image or a folder; 2 if any image failed."""
-    cfg, payload = inference_config(cfg, argv)
-    files = list_images(Path(cfg.predict))
+def read_export_info(path: Path) -> dict[str, Any]:
+    """The PATH.json that --export wrote beside PATH, checked for its tag; CheckpointError naming the file."""
+    info_path = export_info_path(path)
+    if not info_path.is_file():
+        raise CheckpointError(f"{info_path} does not exist: --predict with {path.name} reads the normalisation, "
+                              f"class names and image size from the JSON that --export writes beside it")
+    try:
+        info = json.loads(info_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{info_path} is not valid JSON ({err})") from None
+    if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{info_path} is not the description of an --export file (no {EXPORT_FORMAT!r} tag)")
+    return info
+
+
+def load_exported(path: Path) -> nn.Module:
+    """The graph in a .pt2 file of --export as a module: runs without the model definition."""
+    if not path.is_file():
+        raise CheckpointError(f"exported model {path} does not exist")
+    try:
+        return torch.export.load(path).module()
+    except Exception as err:  # truncated zip, foreign file, unknown serialisation version: all mean "cannot use"
+        raise CheckpointError(f"exported model {path} cannot be loaded ({type(err).__name__}: {err}); export it "
+                              f"again with this torch ({torch.__version__})") from None
+
+
+def load_predictor(cfg: Config, argv: list[str] | None) -> tuple[Config, nn.Module, dict[str, Any], dict[str, Any]]:
+    """(config, model in eval mode on cfg.device, normalisation, class names) for --predict, from a checkpoint or
+    from a .pt2 of --export and its JSON, whose image size applies unless this command line gives one."""
     device = resolve_device(cfg.device)
+    if Path(cfg.checkpoint).suffix == ".pt2":
+        model = load_exported(Path(cfg.checkpoint)).to(device)  # traced in eval mode: no .eval() needed
+        info = read_export_info(Path(cfg.checkpoint))
+        if "image_size" not in given_settings(sys.argv[1:] if argv is None else list(argv)):
+            cfg.image_size = info["input"]["image_size"]
+        return cfg, model, {"mean": info["input"]["mean"], "std": info["input"]["std"]}, info["class_names"]
+    cfg, payload = inference_config(cfg, argv)
     model = build_model(cfg).to(device)
     model.load_state_dict(payload["model"])
     model.eval()
-    norm, names = payload["normalization"], payload["class_names"]
+    return cfg, model, payload["normalization"], payload["class_names"]
+
+
+def predict_images(cfg: Config, argv: list[str] | None) -> int:
+    """--predict: masks, overlays and predictions.csv for an image or a folder; 2 if any image failed."""
+    cfg, model, norm, names = load_predictor(cfg, argv)
+    files = list_images(Path(cfg.predict))
+    device = resolve_device(cfg.device)
     transform = v2.Compose([v2.Resize((cfg.image_size, cfg.image_size), antialias=True),
                             v2.ToDtype(torch.float32, scale=True), v2.Normalize(norm["mean"], norm["std"])])
     palette = seg_palette(len(names["seg"]))
@@ -1296,6 +1348,144 @@ def predict_images(cfg: Config, argv: list[str] | None) -> int:
     if failed:
         log.error("%d image(s) could not be read and were skipped: %s", len(failed), ", ".join(failed))
         return 2
+    return 0
+
+
+def export_info_path(path: str | Path) -> Path:
+    """PATH.json beside an exported PATH (model.pt2 -> model.pt2.json): a .pt2 and an .onnx of one name keep theirs."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def require_onnx() -> None:
+    """Stop (exit 2) before any work unless the ONNX exporter and the runtime that checks its file import."""
+    missing = []
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ConfigError(f"export: writing .onnx needs {', '.join(missing)} (onnx and onnxscript write the file, "
+                          f"onnxruntime checks it against the model): pip install onnx onnxscript onnxruntime")
+
+
+def trace_export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Write model to path (.pt2 or .onnx) as one graph for any batch, height and width (each >= 1)."""
+    from torch.fx.experimental import _config as fx_config
+
+    dims = ({0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("height", min=1),
+             3: torch.export.Dim("width", min=1)},)
+    # backed_size_oblivious is export's (experimental) switch against 0/1 specialisation. Without it the trace
+    # keeps facts of its example input as guards: a bottleneck wider than 1 pixel (a side over 32) and whether
+    # the crop is a no-op (a side that is a multiple of 32), so the file would refuse other sizes.
+    # EXPORT_CHECK_SHAPES then checks that the graph holds at such sizes.
+    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
+        if path.suffix == ".onnx":
+            # external_data=False: one self-contained file (ONNX's 2 GB limit is far above this model)
+            torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["images"],
+                              output_names=list(EXPORT_OUTPUTS), dynamic_shapes=dims, external_data=False,
+                              verbose=False)
+        else:
+            torch.export.save(torch.export.export(model, (example,), dynamic_shapes=dims), path)
+
+
+def exported_runner(path: Path) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    """The file at path as a function of a CPU batch: what a deployment loads, not the trace in memory."""
+    if path.suffix == ".onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda x: [torch.from_numpy(o) for o in session.run(list(EXPORT_OUTPUTS), {"images": x.numpy()})]
+    module = load_exported(path)
+    return lambda x: list(module(x))
+
+
+def compare_export(model: nn.Module, run: Callable[[torch.Tensor], list[torch.Tensor]],
+                   shapes: Iterable[tuple[int, int, int]]) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Max |exported - eager| per output per input [B, H, W] ("BxHxW"), and the checks that failed."""
+    generator = torch.Generator().manual_seed(0)
+    figures: dict[str, dict[str, float]] = {}
+    failures = []
+    for batch, height, width in shapes:
+        key = f"{batch}x{height}x{width}"
+        x = torch.randn(batch, 3, height, width, generator=generator)  # normalised images are about N(0, 1)
+        with torch.no_grad():
+            expected = model(x)
+            try:
+                got = run(x)
+            except Exception as err:  # a guard or kernel of the exported file refused this input: a failed check
+                failures.append(f"{key}: the exported model raised {type(err).__name__}: {err}")
+                continue
+        figures[key] = {}
+        for name, want, have in zip(EXPORT_OUTPUTS, expected, got):
+            if have.shape != want.shape:
+                failures.append(f"{key} {name}: shape {tuple(have.shape)}, eager {tuple(want.shape)}")
+                continue
+            figures[key][name] = float((have - want).abs().max())
+            if not torch.allclose(have, want, atol=EXPORT_ATOL, rtol=EXPORT_RTOL):
+                failures.append(f"{key} {name}: max |diff| {figures[key][name]:.3g}")
+    return figures, failures
+
+
+def export_info(cfg: Config, payload: dict[str, Any], path: Path, figures: dict[str, dict[str, float]],
+                seconds: float) -> dict[str, Any]:
+    """The contract of an exported file, written beside it as PATH.json (docs/export.md)."""
+    norm = payload["normalization"]
+    return {
+        "format": EXPORT_FORMAT, "file": path.name,
+        "program": ("ONNX: onnxruntime.InferenceSession(file)" if path.suffix == ".onnx"
+                    else "torch.export ExportedProgram: torch.export.load(file).module()"),
+        "checkpoint": str(cfg.checkpoint), "epoch": payload["state"]["epoch"], "step": payload["state"]["step"],
+        "torch_version": torch.__version__,
+        "input": {"name": "images", "layout": "NCHW", "dtype": "float32", "channel_order": "RGB",
+                  "value_range": [0.0, 1.0], "mean": norm["mean"], "std": norm["std"],
+                  "normalize": "(x - mean) / std per channel, x in value_range", "image_size": cfg.image_size,
+                  "dynamic": ["batch", "height", "width"]},
+        "outputs": [{"name": "seg_logits", "shape": ["B", cfg.num_seg_classes, "H", "W"]},
+                    {"name": "cls_logits", "shape": ["B", cfg.num_cls_classes]}],
+        "class_names": payload["class_names"],
+        "check": {"atol": EXPORT_ATOL, "rtol": EXPORT_RTOL, "max_abs_diff": figures},
+        "export_seconds": round(seconds, 3), "bytes": path.stat().st_size,
+    }
+
+
+def export_model(cfg: Config, argv: list[str] | None) -> int:
+    """--export PATH: --checkpoint's model as PATH (.pt2 or .onnx) and PATH.json; 1 if the file does not
+    reproduce the model within EXPORT_ATOL / EXPORT_RTOL at EXPORT_CHECK_SHAPES (then nothing is written)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # torchrun: one file per command, written by rank 0
+    path = Path(cfg.export)
+    if path.suffix == ".onnx":
+        require_onnx()
+    cfg, payload = inference_config(cfg, argv)
+    model = build_model(cfg)
+    model.load_state_dict(payload["model"])
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")  # an older PATH stays until the new file has passed
+    start = time.perf_counter()
+    try:
+        trace_export(model, torch.zeros(2, 3, cfg.image_size, cfg.image_size), tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written file left behind; the error itself goes on
+        raise
+    seconds = time.perf_counter() - start
+    figures, failures = compare_export(model, exported_runner(tmp),
+                                       EXPORT_CHECK_SHAPES + ((1, cfg.image_size, cfg.image_size),))
+    for key, diffs in figures.items():
+        log.info("check %s: max |exported - eager| %s", key, ", ".join(f"{n} {d:.3g}" for n, d in diffs.items()))
+    if failures:
+        tmp.unlink()
+        log.error("the exported model does not match %s (float32 tolerance atol %g + rtol %g x |eager|): %s; "
+                  "%s not written", cfg.checkpoint, EXPORT_ATOL, EXPORT_RTOL, "; ".join(failures), path)
+        return 1
+    os.replace(tmp, path)
+    info = export_info(cfg, payload, path, figures, seconds)
+    export_info_path(path).write_text(json.dumps(info, indent=2) + "\n")
+    log.info("exported %s to %s (%.2f MB) in %.1f s; equal to the model within atol %g / rtol %g at %s; "
+             "input contract and class names in %s", cfg.checkpoint, path, info["bytes"] / 1e6, seconds,
+             EXPORT_ATOL, EXPORT_RTOL, ", ".join(figures), export_info_path(path))
     return 0
 
 
@@ -1502,9 +1692,10 @@ def main(argv: list[str] | None = None) -> int:
     previous_handlers: dict[int, Any] = {}
     try:
         cfg = load_config(argv, prog="train_enhanced_adaptivestream.py")
-        if cfg.eval_only or cfg.predict:  # no run folder, no training
+        if cfg.eval_only or cfg.predict or cfg.export:  # no run folder, no training
             handlers = setup_logging(None)
-            return (evaluate_checkpoint if cfg.eval_only else predict_images)(cfg, argv)
+            command = evaluate_checkpoint if cfg.eval_only else predict_images if cfg.predict else export_model
+            return command(cfg, argv)
         run, handlers = _start(cfg)
         previous_handlers = install_stop_handlers(run)
         fit(run)
