@@ -367,8 +367,31 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
             (no_decay if param.dim() <= 1 else decay).append(param)  # no decay on BN and biases
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, fused=True)
-    return torch.optim.AdamW(groups, lr=cfg.base_lr, fused=True)
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, fused=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.base_lr, fused=True)
+    zero_missing_momentum(optimizer)
+    return optimizer
+
+
+def zero_missing_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Give every SGD parameter a zero momentum buffer if it has none yet.
+
+    Fused SGD makes missing buffers with torch.empty_like on its first step, and its kernel returns
+    early when found_inf is 1: a skipped first step would leave them as uninitialised memory that the
+    next step multiplies by the momentum. With zeros the first step is buf = 0 * m + g = g exactly, as
+    on a clean first step (dampening 0). Called after building and after loading a state dict (a
+    checkpoint from before the first step holds none). AdamW makes its state with zeros: nothing to do.
+    """
+    if not isinstance(optimizer, torch.optim.SGD):
+        return
+    for group in optimizer.param_groups:
+        if group["momentum"] == 0:
+            continue
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -507,6 +530,7 @@ def restore_training_state(run: Run, saved: dict[str, Any]) -> None:
     saved = _cpu_copy(saved)  # load_state_dict may keep references; the saved copy must stay intact
     unwrap(run.model).load_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
+    zero_missing_momentum(run.optimizer)
     run.scheduler.load_state_dict(saved["scheduler"])
     run.scheduler.refresh()
     if run.guard is not None and saved.get("guard"):

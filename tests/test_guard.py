@@ -128,3 +128,30 @@ def test_recalibrate_bn_replaces_poisoned_running_stats(make_run):
     T.recalibrate_bn(run.model, run.train_loader, 2, run.device)
     assert norm.running_mean.abs().max() < 100 and norm.momentum == 0.1
     assert norm.num_batches_tracked.item() == 2
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_skipped_first_step_then_a_step_equals_one_clean_step_bit_for_bit(make_run, optimizer):
+    """Fused SGD creates its momentum buffers with empty_like on the first step and its kernel returns
+    early when found_inf is 1: a skipped first step would leave them as uninitialised memory."""
+    clean, skipped = make_run("--optimizer", optimizer), make_run("--optimizer", optimizer)
+    skipped.model.load_state_dict(clean.model.state_dict())
+    images, masks, labels = first_batch(clean)
+    torch.manual_seed(0)  # dropout draws the same in both runs
+    T.train_step(clean, images, masks, labels)
+    garbage = [torch.full_like(p, 1e30) for p in skipped.model.parameters()]  # freed memory empty_like may reuse
+    del garbage
+    handle = skipped.model.seg_head.bias.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    assert T.SKIP_REASONS[int(T.train_step(skipped, images, masks, labels)[4])] == "non-finite gradient"
+    handle.remove()
+    skipped.scheduler.last_epoch -= 1  # as flush_interval does: the schedule counts applied updates
+    skipped.scheduler.refresh()
+    torch.manual_seed(0)
+    T.train_step(skipped, images, masks, labels)
+    for (name, a), b in zip(clean.model.state_dict().items(), skipped.model.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs from a clean first step"
+    state_a, state_b = clean.optimizer.state_dict()["state"], skipped.optimizer.state_dict()["state"]
+    assert state_a.keys() == state_b.keys()
+    for index, entry in state_a.items():
+        for key, tensor in entry.items():
+            assert torch.equal(tensor, state_b[index][key]), f"optimizer state {index}.{key} differs"
