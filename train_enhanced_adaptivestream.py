@@ -816,6 +816,7 @@ class TrainState:
     rollbacks: int = 0
     lr_scale: float = 1.0  # product of the LR back-offs of all rollbacks
     bad_batches_saved: int = 0
+    fp16_overflows: int = 0  # fp16 steps GradScaler skipped while finding its scale: expected, not counted as skips
     accepted_since_snapshot: int = 0
     epoch_sums: dict[str, float] = field(default_factory=dict)  # this epoch so far (for its metrics row)
     history: list[dict[str, float]] = field(default_factory=list)  # each finished epoch's metrics row (the verdict's)
@@ -918,13 +919,25 @@ def _append_jsonl(run: Run, records: list[dict[str, Any]]) -> None:
                 handle.write(json.dumps(record) + "\n")
 
 
-def _skip_name(run: Run, reason: int) -> str:
-    # Under fp16 a non-finite gradient is usually GradScaler probing its scale, not divergence.
-    return "fp16 overflow" if reason == 2 and run.scaler is not None else SKIP_REASONS[reason]
+FP16_OVERFLOW = "fp16 overflow"
+# Below this loss scale a non-finite fp16 gradient is no longer GradScaler probing: the gradients are
+# non-finite even unscaled, a fault the skip limits must see.
+FP16_MIN_CALIBRATION_SCALE = 1.0
 
 
-def _account_step(run: Run, epoch: int, step: int, row: list[float], batch: dict[str, Any]) -> dict | None:
-    """Add one step to the epoch's sums and the skip counters; return its skip event, if it was skipped."""
+def _skip_name(run: Run, reason: int, scale: float = math.inf) -> str:
+    # Under fp16 a non-finite gradient is usually GradScaler probing its scale (it starts at 65536 and
+    # halves on each overflow, grows every 2000 clean steps), not divergence.
+    calibrating = run.scaler is not None and scale >= FP16_MIN_CALIBRATION_SCALE
+    return FP16_OVERFLOW if reason == 2 and calibrating else SKIP_REASONS[reason]
+
+
+def _account_step(run: Run, epoch: int, step: int, row: list[float], batch: dict[str, Any],
+                  scale: float = math.inf) -> dict | None:
+    """Add one step to the epoch's sums and the skip counters; return its skip event, if it was skipped.
+
+    scale: the fp16 loss scale at the end of the interval (inf without a GradScaler).
+    """
     state, sums = run.state, run.state.epoch_sums
     loss, seg, cls, grad_norm, reason, correct = row
     images = len(batch["label"])
@@ -935,11 +948,16 @@ def _account_step(run: Run, epoch: int, step: int, row: list[float], batch: dict
                            ("correct", correct), ("images", images)):
             sums[key] = sums.get(key, 0.0) + value
         return None
-    name = _skip_name(run, int(reason))
+    name = _skip_name(run, int(reason), scale)
+    if name == FP16_OVERFLOW:  # calibration: counted apart, no bad-batch file, no step toward the skip limits
+        sums["fp16_overflows"] = sums.get("fp16_overflows", 0) + 1
+        state.fp16_overflows += 1
+        log.info("step %d: fp16 overflow, GradScaler skipped it and lowered its scale to %g (calibration, "
+                 "not counted as a skipped step)", step, scale)
+        return None
     sums["skipped"] = sums.get("skipped", 0) + 1
     state.skipped[name] = state.skipped.get(name, 0) + 1
-    if name != "fp16 overflow":
-        state.consecutive_skips += 1
+    state.consecutive_skips += 1
     log.warning("step %d skipped: %s (loss %.4g, grad norm %.4g)", step, name, loss, grad_norm)
     event = {"event": "skip", "step": step, "epoch": epoch, "reason": name, "loss": loss, "grad_norm": grad_norm}
     if state.bad_batches_saved < run.cfg.bad_batch_limit and run.is_main:
@@ -960,17 +978,21 @@ def flush_interval(run: Run, epoch: int, pending: list[torch.Tensor], batches: l
     params = list(unwrap(run.model).parameters())
     finite = torch.stack(torch._foreach_norm(params)).isfinite().all().float().view(1)
     stop = torch.tensor([float(run.stop_signal is not None)], device=finite.device)
-    table = torch.cat([torch.stack(pending).flatten(), finite, stop])
-    if run.world_size > 1:  # average losses over ranks; verdicts are equal already; agree on finite and stop
+    # GradScaler has no public getter that does not sync; its scale tensor rides along in the one read.
+    scale = (run.scaler._get_scale_async().float().view(1) if run.scaler is not None
+             else torch.full((1,), math.inf, device=finite.device))
+    table = torch.cat([torch.stack(pending).flatten(), finite, stop, scale.to(finite.device)])
+    if run.world_size > 1:  # average losses over ranks; verdicts and scales are equal already; agree on finite and stop
         torch.distributed.all_reduce(table)
         table /= run.world_size
     table = table.cpu()
-    rows, params_finite = table[:-2].view(len(pending), -1).tolist(), bool(table[-2] == 1.0)
-    if table[-1] > 0 and run.stop_signal is None:
+    rows, params_finite = table[:-3].view(len(pending), -1).tolist(), bool(table[-3] == 1.0)
+    scale_now = float(table[-1])
+    if table[-2] > 0 and run.stop_signal is None:
         run.stop_signal = "SIGTERM"  # another rank was asked to stop: every rank stops at this same step
     first = state.step
     events = [e for i, (row, batch) in enumerate(zip(rows, batches))
-              if (e := _account_step(run, epoch, first + i, row, batch)) is not None]
+              if (e := _account_step(run, epoch, first + i, row, batch, scale_now)) is not None]
     state.step += len(rows)
     state.batch += len(rows)
     # The schedule counts applied updates: take back the steps skipped in this interval.
@@ -989,7 +1011,8 @@ def flush_interval(run: Run, epoch: int, pending: list[torch.Tensor], batches: l
     images = sum(len(b["label"]) for b in batches)
     record = {"event": "log", "step": state.step, "epoch": epoch, "loss": last[0], "seg_loss": last[1],
               "cls_loss": last[2], "grad_norm": last[3], "lr": run.scheduler.get_last_lr()[0],
-              "skipped_epoch": int(state.epoch_sums.get("skipped", 0)), "rollbacks": state.rollbacks,
+              "skipped_epoch": int(state.epoch_sums.get("skipped", 0)),
+              "fp16_overflows_epoch": int(state.epoch_sums.get("fp16_overflows", 0)), "rollbacks": state.rollbacks,
               "images_per_s": images * run.world_size / max(time.perf_counter() - started, 1e-9),
               "stop": run.stop_signal is not None}
     _append_jsonl(run, events + [record])
@@ -1039,7 +1062,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
             "train_seg_loss": sums["seg"] / n if n else float("nan"),
             "train_cls_loss": sums["cls"] / n if n else float("nan"),
             "train_cls_acc": sums["correct"] / n if n else float("nan"),
-            "skipped_steps": int(sums.get("skipped", 0))}
+            "skipped_steps": int(sums.get("skipped", 0)), "fp16_overflows": int(sums.get("fp16_overflows", 0))}
 
 
 @torch.no_grad()
@@ -1489,7 +1512,7 @@ def end_run(run: Run, outcome: str, reason: str, code: int,
               "final": state.history[-1] if state.history else {},
               "best": {"val_miou": state.best_miou, "epoch": state.best_epoch},
               "baselines": asdict(run.baselines) if run.baselines else {},
-              "skipped": state.skipped, "rollbacks": state.rollbacks}
+              "skipped": state.skipped, "fp16_overflows": state.fp16_overflows, "rollbacks": state.rollbacks}
     _append_jsonl(run, [record])
     return code
 
@@ -1500,8 +1523,10 @@ def conclude(run: Run) -> int:
     verdicts = judge_learning(state.history, run.baselines, cfg)
     failed = [v for v in verdicts.values() if v.verdict in ("did not learn", "memorising")]
     skipped = sum(state.skipped.values())
+    overflows = f"; {state.fp16_overflows} fp16 overflows (GradScaler calibration)" if state.fp16_overflows else ""
     summary = (f"best val mIoU {state.best_miou:.4f} at epoch {state.best_epoch}; {skipped} skipped steps"
-               f"{f' {state.skipped}' if skipped else ''}; {state.rollbacks} rollbacks; run folder {run.run_dir}")
+               f"{f' {state.skipped}' if skipped else ''}{overflows}; {state.rollbacks} rollbacks; "
+               f"run folder {run.run_dir}")
     outcome = "early_stop" if state.early_stop else "finished"
     if not verdicts:
         log.warning("done: no epoch row to judge (the checkpoint predates the verdict): %s", summary)

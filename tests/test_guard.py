@@ -155,3 +155,21 @@ def test_skipped_first_step_then_a_step_equals_one_clean_step_bit_for_bit(make_r
     for index, entry in state_a.items():
         for key, tensor in entry.items():
             assert torch.equal(tensor, state_b[index][key]), f"optimizer state {index}.{key} differs"
+
+
+def test_fp16_scaler_calibration_is_counted_apart_not_as_skips_or_bad_batches(make_run, caplog):
+    """GradScaler starting far too high overflows on its first steps while it finds its scale: expected,
+    so no bad-batch files, no skip toward MAX_SKIP_FRACTION or the rollback ladder, its own count."""
+    run = make_run("--amp", "fp16", "--epochs", "1", "--warmup-epochs", "0", "--max-skip-fraction", "0.1",
+                   "--max-consecutive-skips", "2")
+    run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # overflows fp16 gradients for several steps
+    with caplog.at_level("INFO", logger="adaptivestream"):
+        stats = T.train_one_epoch(run, 0)
+    overflows = run.state.fp16_overflows
+    assert overflows >= 2, "the test needs calibration overflows"
+    assert stats["fp16_overflows"] == overflows and stats["skipped_steps"] == 0
+    assert run.state.skipped == {} and run.state.rollbacks == 0 and run.state.bad_batches_saved == 0
+    assert not (run.run_dir / "bad_batches").exists()
+    events = [json.loads(line) for line in (run.run_dir / "steps.jsonl").read_text().splitlines()]
+    assert [e for e in events if e["event"] == "log"][-1]["fp16_overflows_epoch"] == overflows
+    assert not [e for e in events if e["event"] == "skip"]
