@@ -901,7 +901,12 @@ def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor, labels: torc
         skip = reason != 0
         optimizer.found_inf = skip.float()  # fused optimizers skip the update on the device when this is 1
         optimizer.grad_scale = None
-    optimizer.step()
+    if guard is None and run.scaler is not None:
+        # Unguarded fp16: only GradScaler.step hands the overflow flag of unscale_ to the optimizer;
+        # a bare optimizer.step() would apply inf/NaN gradients.
+        run.scaler.step(optimizer)
+    else:
+        optimizer.step()
     if run.scaler is not None:
         run.scaler.update()
     if guard is not None:

@@ -173,3 +173,21 @@ def test_fp16_scaler_calibration_is_counted_apart_not_as_skips_or_bad_batches(ma
     events = [json.loads(line) for line in (run.run_dir / "steps.jsonl").read_text().splitlines()]
     assert [e for e in events if e["event"] == "log"][-1]["fp16_overflows_epoch"] == overflows
     assert not [e for e in events if e["event"] == "skip"]
+
+
+def test_unguarded_fp16_step_leaves_an_overflow_to_the_scaler(make_run):
+    """The benchmark's unguarded arm (guard None) under fp16: an overflowed step must be skipped by
+    GradScaler.step, not applied (after unscale_ the gradients hold inf, and clipping turns them into NaN)."""
+    run = make_run("--amp", "fp16")
+    run.guard = None
+    images, masks, labels = first_batch(run)
+    T.train_step(run, images, masks, labels)  # optimizer state exists from here on
+    before = snapshot(run)
+    handle = run.model.seg_head.weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    T.train_step(run, images, masks, labels)
+    handle.remove()
+    after = run.model.state_dict()
+    for name, tensor in before[0].items():
+        if "running" not in name and "num_batches" not in name:  # unguarded: BN statistics are not restored
+            assert torch.equal(tensor, after[name]), f"{name} changed on an overflowed unguarded step"
+    assert run.scaler.get_scale() < 65536.0
