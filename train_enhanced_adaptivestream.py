@@ -520,10 +520,13 @@ def _cpu_copy(tree: Any) -> Any:
 
 
 def training_state(run: Run) -> dict[str, Any]:
-    """What a rollback or a resume restores: weights and BN buffers, optimizer, schedule, guard, scaler, RNG."""
+    """What a rollback or a resume restores: weights and BN buffers, optimizer, schedule, guard, scaler, RNG.
+
+    Under torchrun every rank must call it (the RNG streams of all ranks are gathered)."""
     return {"model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "guard": run.guard.state_dict() if run.guard else None,
-            "scaler": run.scaler.state_dict() if run.scaler is not None else None, "rng": rng_state()}
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+            "rng": rng_state(run.device, run.world_size)}
 
 
 def restore_training_state(run: Run, saved: dict[str, Any]) -> None:
@@ -537,7 +540,7 @@ def restore_training_state(run: Run, saved: dict[str, Any]) -> None:
         run.guard.load_state_dict(saved["guard"])
     if run.scaler is not None and saved.get("scaler"):
         run.scaler.load_state_dict(saved["scaler"])
-    set_rng_state(saved["rng"])
+    set_rng_state(saved["rng"], run.device, run.rank, run.cfg.seed)
 
 
 def take_snapshot(run: Run) -> dict[str, Any]:
@@ -781,23 +784,52 @@ def load_checkpoint(path: str | Path, cfg: Config | None = None) -> dict[str, An
     return payload
 
 
-def rng_state() -> dict[str, Any]:
+def _local_rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's streams: Python, NumPy, torch CPU, and the CUDA generator of its own device."""
     numpy_state = np.random.get_state(legacy=False)  # as tensors and ints, so weights_only loading accepts it
     numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    numpy_state = dict(state["numpy"], state=dict(state["numpy"]["state"]))
+def rng_state(device: torch.device, world_size: int = 1) -> dict[str, Any]:
+    """{"ranks": [each rank's own streams]}. Under torchrun a collective (all_gather_object): every rank
+    calls it, and rank 0, which writes the checkpoint, holds them all."""
+    local = _local_rng_state(device)
+    if world_size == 1:
+        return {"ranks": [local]}
+    gathered: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, local)
+    return {"ranks": gathered}
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device, rank: int = 0, seed: int = 0) -> None:
+    """Restore this rank's own streams from rng_state()'s record, whatever process count wrote it.
+
+    A rank the record has no entry for (resumed with more processes than saved) seeds itself from
+    seed + rank, as a fresh run does, so no two ranks draw the same augmentation. Records from before
+    per-rank saving hold rank 0's streams only, with the CUDA state of every device as a list.
+    """
+    ranks = state["ranks"] if "ranks" in state else [state]
+    if rank >= len(ranks):
+        seed_everything(seed + rank)
+        log.info("rank %d: the checkpoint holds random streams for %d process(es); seeded from SEED + %d",
+                 rank, len(ranks), rank)
+        return
+    own = ranks[rank]
+    random.setstate(own["python"])
+    numpy_state = dict(own["numpy"], state=dict(own["numpy"]["state"]))
     numpy_state["state"]["key"] = numpy_state["state"]["key"].numpy().astype(np.uint32)
     np.random.set_state(numpy_state)
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.set_rng_state(own["torch"])
+    cuda = own.get("cuda")
+    if isinstance(cuda, list):  # older format: one state per visible device of the saving process
+        index = device.index or 0
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 # ---- Loop ----
