@@ -1285,8 +1285,11 @@ def evaluate_checkpoint(cfg: Config, argv: list[str] | None) -> int:
     out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent
     out.mkdir(parents=True, exist_ok=True)
     run = build_run(cfg, out)
-    run.model.load_state_dict(payload["model"])
-    val = evaluate(run.model, run.val_loader, run.loss_fn, cfg, run.device, run.autocast)
+    unwrap(run.model).load_state_dict(payload["model"])  # checkpoints hold the model outside DDP
+    # Each rank evaluates its shard; evaluate() all-reduces the sums, so every rank has the totals.
+    val = evaluate(unwrap(run.model), run.val_loader, run.loss_fn, cfg, run.device, run.autocast)
+    if not run.is_main:
+        return 0
     names = class_names(cfg)
     log.info("%s\n%s", format_table("segmentation (val)", val["seg_cm"], names["seg"], "IoU"),
              format_table("classification (val)", val["cls_cm"], names["cls"], "F1"))
@@ -1412,11 +1415,14 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(cfg.device)
+    if world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        # Also for one process on cuda:N: pinned memory and other implicit CUDA calls use the current
+        # device, and would otherwise create a context on GPU 0.
+        torch.cuda.set_device(device)
     if world_size == 1:
         return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return torch.distributed.get_rank(), world_size, device
@@ -1426,7 +1432,11 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     """Data, model, loss, optimizer, schedule and guard for cfg, on its device (and rank, under torchrun)."""
     rank, world_size, device = setup_distributed(cfg)
     seed_everything(cfg.seed)  # the same initial weights on every rank
+    if cfg.download and world_size > 1 and rank != 0:
+        torch.distributed.barrier()  # rank 0 downloads first (below); the others then read its files
     train_ds, val_ds = build_datasets(cfg)
+    if cfg.download and world_size > 1 and rank == 0:
+        torch.distributed.barrier()
     resolve_data_settings(cfg, train_ds)
     baselines = data_baselines(cfg, train_ds, val_ds)
     if rank == 0:
@@ -1586,7 +1596,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(argv, prog="train_enhanced_adaptivestream.py")
         if cfg.eval_only or cfg.predict:  # no run folder, no training
-            handlers = setup_logging(None)
+            handlers = setup_logging(None, quiet=int(os.environ.get("RANK", "0")) != 0)
             return (evaluate_checkpoint if cfg.eval_only else predict_images)(cfg, argv)
         run, handlers = _start(cfg)
         previous_handlers = install_stop_handlers(run)

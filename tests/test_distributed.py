@@ -2,6 +2,7 @@
 metrics equal a one-process evaluation, and checkpoints move between process counts."""
 
 import csv
+import json
 import os
 import random
 import subprocess
@@ -94,3 +95,21 @@ def test_each_rank_keeps_its_own_random_streams_and_loader_seeds_across_resumes(
     assert not same(rank0["from_one"], rank1["from_one"]), "1 -> 2: both ranks draw the same numbers"
     T.restore_training_state(single, torch.load(dump / "two.pt", weights_only=True))
     assert same(draws(), rank0["saved"]), "2 -> 1: the single process did not get rank 0's stream"
+
+
+def test_eval_only_under_torchrun_equals_a_one_process_evaluation(tmp_path):
+    """--eval-only under torchrun loads the checkpoint into the model inside DDP and sums every rank's shard."""
+    run_dir = tmp_path / "run"
+    assert T.main(ARGS + ["--epochs", "1", "--out-dir", str(run_dir)]) == 0
+    checkpoint = str(run_dir / "last.pt")
+    assert T.main(ARGS + ["--eval-only", "--checkpoint", checkpoint, "--out", str(tmp_path / "one")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_enhanced_adaptivestream.py"), *ARGS, "--eval-only", "--checkpoint", checkpoint,
+           "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
+    assert two["per_class"]["seg"] == one["per_class"]["seg"]  # counts over all 7 val images, each once
+    for key, value in one["metrics"].items():
+        assert two["metrics"][key] == pytest.approx(value, rel=1e-5), key
