@@ -191,3 +191,17 @@ def test_unguarded_fp16_step_leaves_an_overflow_to_the_scaler(make_run):
         if "running" not in name and "num_batches" not in name:  # unguarded: BN statistics are not restored
             assert torch.equal(tensor, after[name]), f"{name} changed on an overflowed unguarded step"
     assert run.scaler.get_scale() < 65536.0
+
+
+def test_bn_stash_and_restore_take_a_handful_of_ops_not_one_per_buffer(make_run):
+    """63 BN buffers (float32 and int64): grouped by dtype, stash and restore are a few ops, not ~190 kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run = make_run()
+    guard, skip, loss, grad_norm = run.guard, torch.tensor(True), torch.tensor(1.0), torch.tensor(1.0)
+    assert len(guard.buffers) == 63
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        guard.stash_buffers()
+        guard.commit(skip, loss, grad_norm)
+    top_level = [e.name for e in prof.events() if e.cpu_parent is None]
+    assert len(top_level) <= 10, top_level  # per dtype: cat (stash); cat, where, split, _foreach_copy_ (restore)
