@@ -103,6 +103,7 @@ OUT_DIR: str | None = None  # run folder (default runs/<timestamp>)
 RESUME: str | None = None  # checkpoint to resume from, or auto (<out_dir>/last.pt if it exists)
 CHECKPOINT_EVERY: int = 200  # also write last.pt every this many steps (0 = only at epoch ends)
 SYNC_BN: bool = False  # under torchrun on CUDA: SyncBatchNorm (batch statistics over all GPUs)
+DETERMINISTIC: bool = False  # CUDA: deterministic algorithms, no cuDNN autotuning (bit-identical resume, slower)
 SCALE_LR: bool = False  # under torchrun: multiply base_lr by the number of processes (linear scaling rule)
 REQUIRE_LEARNING: bool = True  # exit 1 when a head did not learn or memorised (the verdict is logged either way)
 PATIENCE: int = 10  # stop after this many epochs without a better val mIoU

@@ -583,13 +583,20 @@ def roll_back(run: Run, why: str) -> dict[str, Any]:
 # ---- Metrics ----
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                      ignore_index: int | None = None) -> torch.Tensor:
-    """[K, K] counts, rows = target, columns = prediction; ignored targets are dropped. Stays on the device."""
+    """[K, K] counts, rows = target, columns = prediction; ignored targets are dropped. Stays on the device.
+
+    No host sync: ignored and out-of-range pixels go to an extra last bin instead of being dropped by
+    boolean indexing (nonzero), and scatter_add_ fills a fixed-size count (bincount reads the max of its
+    input back to size its output; scatter_add_ is deterministic on a 1-D CUDA tensor).
+    """
     pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
-    keep = (target >= 0) & (target < num_classes)
+    keep = (target >= 0) & (target < num_classes)  # the ignore index is out of range (config checks it)
     if ignore_index is not None:
         keep &= target != ignore_index
-    index = target[keep] * num_classes + pred[keep]
-    return torch.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
+    index = torch.where(keep, target * num_classes + pred, num_classes**2)
+    counts = torch.zeros(num_classes**2 + 1, dtype=torch.long, device=index.device)
+    counts.scatter_add_(0, index, torch.ones_like(index))
+    return counts[:-1].reshape(num_classes, num_classes)
 
 
 def per_class_scores(cm: np.ndarray) -> dict[str, np.ndarray]:
@@ -1119,7 +1126,7 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: StableLoss, cfg: Con
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
         masks = batch["mask"].to(device, non_blocking=True).long()
-        labels = torch.as_tensor(batch["label"]).to(device).long()
+        labels = torch.as_tensor(batch["label"]).to(device, non_blocking=True).long()
         with autocast():
             seg_logits, cls_logits = model(images)
         loss, parts = loss_fn(seg_logits, cls_logits, masks, labels)
@@ -1414,6 +1421,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def configure_backends(cfg: Config, device: torch.device) -> None:
+    """Speed settings on CUDA, or with --deterministic the settings that make CUDA runs repeat bit for bit.
+
+    Called before the first CUDA kernel: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it creates its handle.
+    """
+    # Process-wide settings: set either way, so none is left over from an earlier run in this process.
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    torch.backends.cudnn.deterministic = cfg.deterministic
+    # Fixed input sizes: cuDNN's autotuned kernels pay off after the first step; autotuning may pick
+    # a different (non-deterministic) kernel on each run, so --deterministic turns it off.
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
+    if cfg.deterministic:
+        # cuBLAS is only deterministic with a fixed workspace (CUDA docs, "Results reproducibility").
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        log.info("deterministic: deterministic algorithms on, cuDNN autotuning off, CUBLAS_WORKSPACE_CONFIG=%s",
+                 os.environ["CUBLAS_WORKSPACE_CONFIG"])
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~10 bits of mantissa, ample for training
+        log.info("CUDA: cudnn.benchmark=%s, float32 matmul precision %s", torch.backends.cudnn.benchmark,
+                 torch.get_float32_matmul_precision())
+
+
 def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     """(rank, world_size, device) from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE).
 
@@ -1421,6 +1450,7 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(cfg.device)
+    configure_backends(cfg, device)
     if world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
