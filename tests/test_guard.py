@@ -162,7 +162,7 @@ def test_fp16_scaler_calibration_is_counted_apart_not_as_skips_or_bad_batches(ma
     so no bad-batch files, no skip toward MAX_SKIP_FRACTION or the rollback ladder, its own count."""
     run = make_run("--amp", "fp16", "--epochs", "1", "--warmup-epochs", "0", "--max-skip-fraction", "0.1",
                    "--max-consecutive-skips", "2")
-    run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # overflows fp16 gradients for several steps
+    run.scaler = torch.amp.GradScaler(run.device.type, init_scale=2.0**40)  # overflows fp16 gradients for several steps
     with caplog.at_level("INFO", logger="adaptivestream"):
         stats = T.train_one_epoch(run, 0)
     overflows = run.state.fp16_overflows
