@@ -71,7 +71,7 @@ LR_GAMMA: float = 0.95  # per-epoch factor of the exponential decay
 WEIGHT_DECAY: float = 1e-4  # decoupled weight decay (AdamW) or L2 (SGD)
 MOMENTUM: float = 0.9  # SGD momentum
 MAX_GRAD_NORM: float = 1.0  # clip the global gradient norm to this
-AMP: str = "off"  # off | bf16 | fp16 (fp16 needs CUDA; uses a GradScaler)
+AMP: str = "off"  # off | bf16 | fp16 (fp16 uses a GradScaler; meant for CUDA, runs slowly on CPU)
 CHANNELS_LAST: bool = False  # channels-last memory format for model and inputs
 
 # ---- Guard ----
@@ -104,6 +104,7 @@ OUT_DIR: str | None = None  # run folder (default runs/<timestamp>)
 RESUME: str | None = None  # checkpoint to resume from, or auto (<out_dir>/last.pt if it exists)
 CHECKPOINT_EVERY: int = 200  # also write last.pt every this many steps (0 = only at epoch ends)
 SYNC_BN: bool = False  # under torchrun on CUDA: SyncBatchNorm (batch statistics over all GPUs)
+DETERMINISTIC: bool = False  # CUDA: deterministic algorithms, no cuDNN autotuning (bit-identical resume, slower)
 SCALE_LR: bool = False  # under torchrun: multiply base_lr by the number of processes (linear scaling rule)
 REQUIRE_LEARNING: bool = True  # exit 1 when a head did not learn or memorised (the verdict is logged either way)
 PATIENCE: int = 10  # stop after this many epochs without a better val mIoU
@@ -311,8 +312,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"ignore_index ({cfg.ignore_index}) is a real class index (< num_seg_classes)")
     if cfg.dataset != "synthetic" and not cfg.data_root:
         raise ConfigError(f"data_root: dataset {cfg.dataset!r} needs --data-root PATH")
-    if cfg.amp == "fp16" and not str(cfg.device).startswith(("cuda", "auto")):
-        raise ConfigError("amp: fp16 needs a CUDA device; use --amp bf16 or --amp off on CPU")
     _validate_data(cfg)
     _validate_modes(cfg)
 

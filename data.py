@@ -845,7 +845,8 @@ def build_loaders(cfg: Config, train_ds: Dataset, val_ds: Dataset, device: torch
     if len(train_ds) < cfg.batch_size * world_size:
         raise DataError(f"training set has {len(train_ds)} images, fewer than one batch "
                         f"({cfg.batch_size} x {world_size} processes): lower --batch-size")
-    generator = torch.Generator().manual_seed(cfg.seed)
+    # SEED + rank: the generator seeds the DataLoader workers, whose augmentation must differ per rank.
+    generator = torch.Generator().manual_seed(cfg.seed + rank)
     common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, worker_init_fn=_seed_worker,
                   pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
     train_sampler = ResumableSampler(train_ds, cfg.batch_size, num_replicas=world_size, rank=rank, shuffle=True,

@@ -39,7 +39,7 @@ _STEP_SCALARS = ("loss", "seg_loss", "cls_loss", "grad_norm", "lr", "skipped_epo
 
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_seg_loss", "train_cls_loss", "train_cls_acc", "skipped_steps",
-                  "rollbacks", "val_loss", "val_seg_loss", "val_cls_loss", "val_miou", "val_pixel_acc", "val_cls_acc",
+                  "fp16_overflows", "rollbacks", "val_loss", "val_seg_loss", "val_cls_loss", "val_miou", "val_pixel_acc", "val_cls_acc",
                   "val_cls_f1", "seconds"]
 
 

@@ -371,8 +371,31 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
             (no_decay if param.dim() <= 1 else decay).append(param)  # no decay on BN and biases
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, fused=True)
-    return torch.optim.AdamW(groups, lr=cfg.base_lr, fused=True)
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, fused=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.base_lr, fused=True)
+    zero_missing_momentum(optimizer)
+    return optimizer
+
+
+def zero_missing_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Give every SGD parameter a zero momentum buffer if it has none yet.
+
+    Fused SGD makes missing buffers with torch.empty_like on its first step, and its kernel returns
+    early when found_inf is 1: a skipped first step would leave them as uninitialised memory that the
+    next step multiplies by the momentum. With zeros the first step is buf = 0 * m + g = g exactly, as
+    on a clean first step (dampening 0). Called after building and after loading a state dict (a
+    checkpoint from before the first step holds none). AdamW makes its state with zeros: nothing to do.
+    """
+    if not isinstance(optimizer, torch.optim.SGD):
+        return
+    for group in optimizer.param_groups:
+        if group["momentum"] == 0:
+            continue
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -412,7 +435,13 @@ class StepGuard:
     def __init__(self, model: nn.Module, cfg: Config, device: torch.device):
         self.buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                         for b in m.buffers()]
-        self.stash = [torch.empty_like(b) for b in self.buffers]
+        # One flat stash per (dtype, device): stash and restore are a few kernels per group instead of
+        # two per buffer (~190 small launches for 63 float32/int64 buffers). The views alias the buffers.
+        groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        for buf in self.buffers:
+            groups.setdefault((buf.dtype, buf.device), []).append(buf.view(-1))
+        self.groups = [(views, [v.numel() for v in views], torch.empty(sum(v.numel() for v in views),
+                        dtype=views[0].dtype, device=views[0].device)) for views in groups.values()]
         self.skip_grad_norm = cfg.skip_grad_norm
         self.grad_spike, self.loss_spike = cfg.grad_spike_factor, cfg.loss_spike_factor
         self.spike_warmup = cfg.spike_warmup
@@ -421,8 +450,8 @@ class StepGuard:
         self.accepted = torch.zeros((), dtype=torch.long, device=device)
 
     def stash_buffers(self) -> None:
-        if self.buffers:
-            torch._foreach_copy_(self.stash, self.buffers)
+        for views, _, stash in self.groups:
+            torch.cat(views, out=stash)
 
     def reason(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         reason = torch.zeros((), dtype=torch.long, device=loss.device)
@@ -439,8 +468,8 @@ class StepGuard:
         return torch.where(~torch.isfinite(loss), 1, reason)
 
     def commit(self, skip: torch.Tensor, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        for buf, old in zip(self.buffers, self.stash):
-            buf.copy_(torch.where(skip, old, buf))
+        for views, sizes, stash in self.groups:  # where on the device, not a branch: no host sync
+            torch._foreach_copy_(views, torch.where(skip, stash, torch.cat(views)).split(sizes))
         if self.grad_spike > 0 or self.loss_spike > 0:
             slot = (self.accepted % self.history.shape[1]).view(1)
             new = torch.stack([grad_norm.float(), loss.float()]).view(2, 1)
@@ -501,23 +530,27 @@ def _cpu_copy(tree: Any) -> Any:
 
 
 def training_state(run: Run) -> dict[str, Any]:
-    """What a rollback or a resume restores: weights and BN buffers, optimizer, schedule, guard, scaler, RNG."""
+    """What a rollback or a resume restores: weights and BN buffers, optimizer, schedule, guard, scaler, RNG.
+
+    Under torchrun every rank must call it (the RNG streams of all ranks are gathered)."""
     return {"model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "guard": run.guard.state_dict() if run.guard else None,
-            "scaler": run.scaler.state_dict() if run.scaler is not None else None, "rng": rng_state()}
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+            "rng": rng_state(run.device, run.world_size)}
 
 
 def restore_training_state(run: Run, saved: dict[str, Any]) -> None:
     saved = _cpu_copy(saved)  # load_state_dict may keep references; the saved copy must stay intact
     unwrap(run.model).load_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
+    zero_missing_momentum(run.optimizer)
     run.scheduler.load_state_dict(saved["scheduler"])
     run.scheduler.refresh()
     if run.guard is not None and saved.get("guard"):
         run.guard.load_state_dict(saved["guard"])
     if run.scaler is not None and saved.get("scaler"):
         run.scaler.load_state_dict(saved["scaler"])
-    set_rng_state(saved["rng"])
+    set_rng_state(saved["rng"], run.device, run.rank, run.cfg.seed)
 
 
 def take_snapshot(run: Run) -> dict[str, Any]:
@@ -554,13 +587,20 @@ def roll_back(run: Run, why: str) -> dict[str, Any]:
 # ---- Metrics ----
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                      ignore_index: int | None = None) -> torch.Tensor:
-    """[K, K] counts, rows = target, columns = prediction; ignored targets are dropped. Stays on the device."""
+    """[K, K] counts, rows = target, columns = prediction; ignored targets are dropped. Stays on the device.
+
+    No host sync: ignored and out-of-range pixels go to an extra last bin instead of being dropped by
+    boolean indexing (nonzero), and scatter_add_ fills a fixed-size count (bincount reads the max of its
+    input back to size its output; scatter_add_ is deterministic on a 1-D CUDA tensor).
+    """
     pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
-    keep = (target >= 0) & (target < num_classes)
+    keep = (target >= 0) & (target < num_classes)  # the ignore index is out of range (config checks it)
     if ignore_index is not None:
         keep &= target != ignore_index
-    index = target[keep] * num_classes + pred[keep]
-    return torch.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
+    index = torch.where(keep, target * num_classes + pred, num_classes**2)
+    counts = torch.zeros(num_classes**2 + 1, dtype=torch.long, device=index.device)
+    counts.scatter_add_(0, index, torch.ones_like(index))
+    return counts[:-1].reshape(num_classes, num_classes)
 
 
 def per_class_scores(cm: np.ndarray) -> dict[str, np.ndarray]:
@@ -764,23 +804,52 @@ def load_checkpoint(path: str | Path, cfg: Config | None = None) -> dict[str, An
     return payload
 
 
-def rng_state() -> dict[str, Any]:
+def _local_rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's streams: Python, NumPy, torch CPU, and the CUDA generator of its own device."""
     numpy_state = np.random.get_state(legacy=False)  # as tensors and ints, so weights_only loading accepts it
     numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    numpy_state = dict(state["numpy"], state=dict(state["numpy"]["state"]))
+def rng_state(device: torch.device, world_size: int = 1) -> dict[str, Any]:
+    """{"ranks": [each rank's own streams]}. Under torchrun a collective (all_gather_object): every rank
+    calls it, and rank 0, which writes the checkpoint, holds them all."""
+    local = _local_rng_state(device)
+    if world_size == 1:
+        return {"ranks": [local]}
+    gathered: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, local)
+    return {"ranks": gathered}
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device, rank: int = 0, seed: int = 0) -> None:
+    """Restore this rank's own streams from rng_state()'s record, whatever process count wrote it.
+
+    A rank the record has no entry for (resumed with more processes than saved) seeds itself from
+    seed + rank, as a fresh run does, so no two ranks draw the same augmentation. Records from before
+    per-rank saving hold rank 0's streams only, with the CUDA state of every device as a list.
+    """
+    ranks = state["ranks"] if "ranks" in state else [state]
+    if rank >= len(ranks):
+        seed_everything(seed + rank)
+        log.info("rank %d: the checkpoint holds random streams for %d process(es); seeded from SEED + %d",
+                 rank, len(ranks), rank)
+        return
+    own = ranks[rank]
+    random.setstate(own["python"])
+    numpy_state = dict(own["numpy"], state=dict(own["numpy"]["state"]))
     numpy_state["state"]["key"] = numpy_state["state"]["key"].numpy().astype(np.uint32)
     np.random.set_state(numpy_state)
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.set_rng_state(own["torch"])
+    cuda = own.get("cuda")
+    if isinstance(cuda, list):  # older format: one state per visible device of the saving process
+        index = device.index or 0
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 # ---- Loop ----
@@ -799,6 +868,7 @@ class TrainState:
     rollbacks: int = 0
     lr_scale: float = 1.0  # product of the LR back-offs of all rollbacks
     bad_batches_saved: int = 0
+    fp16_overflows: int = 0  # fp16 steps GradScaler skipped while finding its scale: expected, not counted as skips
     accepted_since_snapshot: int = 0
     epoch_sums: dict[str, float] = field(default_factory=dict)  # this epoch so far (for its metrics row)
     history: list[dict[str, float]] = field(default_factory=list)  # each finished epoch's metrics row (the verdict's)
@@ -883,7 +953,12 @@ def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor, labels: torc
         skip = reason != 0
         optimizer.found_inf = skip.float()  # fused optimizers skip the update on the device when this is 1
         optimizer.grad_scale = None
-    optimizer.step()
+    if guard is None and run.scaler is not None:
+        # Unguarded fp16: only GradScaler.step hands the overflow flag of unscale_ to the optimizer;
+        # a bare optimizer.step() would apply inf/NaN gradients.
+        run.scaler.step(optimizer)
+    else:
+        optimizer.step()
     if run.scaler is not None:
         run.scaler.update()
     if guard is not None:
@@ -901,13 +976,25 @@ def _append_jsonl(run: Run, records: list[dict[str, Any]]) -> None:
                 handle.write(json.dumps(record) + "\n")
 
 
-def _skip_name(run: Run, reason: int) -> str:
-    # Under fp16 a non-finite gradient is usually GradScaler probing its scale, not divergence.
-    return "fp16 overflow" if reason == 2 and run.scaler is not None else SKIP_REASONS[reason]
+FP16_OVERFLOW = "fp16 overflow"
+# Below this loss scale a non-finite fp16 gradient is no longer GradScaler probing: the gradients are
+# non-finite even unscaled, a fault the skip limits must see.
+FP16_MIN_CALIBRATION_SCALE = 1.0
 
 
-def _account_step(run: Run, epoch: int, step: int, row: list[float], batch: dict[str, Any]) -> dict | None:
-    """Add one step to the epoch's sums and the skip counters; return its skip event, if it was skipped."""
+def _skip_name(run: Run, reason: int, scale: float = math.inf) -> str:
+    # Under fp16 a non-finite gradient is usually GradScaler probing its scale (it starts at 65536 and
+    # halves on each overflow, grows every 2000 clean steps), not divergence.
+    calibrating = run.scaler is not None and scale >= FP16_MIN_CALIBRATION_SCALE
+    return FP16_OVERFLOW if reason == 2 and calibrating else SKIP_REASONS[reason]
+
+
+def _account_step(run: Run, epoch: int, step: int, row: list[float], batch: dict[str, Any],
+                  scale: float = math.inf) -> dict | None:
+    """Add one step to the epoch's sums and the skip counters; return its skip event, if it was skipped.
+
+    scale: the fp16 loss scale at the end of the interval (inf without a GradScaler).
+    """
     state, sums = run.state, run.state.epoch_sums
     loss, seg, cls, grad_norm, reason, correct = row
     images = len(batch["label"])
@@ -918,11 +1005,16 @@ def _account_step(run: Run, epoch: int, step: int, row: list[float], batch: dict
                            ("correct", correct), ("images", images)):
             sums[key] = sums.get(key, 0.0) + value
         return None
-    name = _skip_name(run, int(reason))
+    name = _skip_name(run, int(reason), scale)
+    if name == FP16_OVERFLOW:  # calibration: counted apart, no bad-batch file, no step toward the skip limits
+        sums["fp16_overflows"] = sums.get("fp16_overflows", 0) + 1
+        state.fp16_overflows += 1
+        log.info("step %d: fp16 overflow, GradScaler skipped it and lowered its scale to %g (calibration, "
+                 "not counted as a skipped step)", step, scale)
+        return None
     sums["skipped"] = sums.get("skipped", 0) + 1
     state.skipped[name] = state.skipped.get(name, 0) + 1
-    if name != "fp16 overflow":
-        state.consecutive_skips += 1
+    state.consecutive_skips += 1
     log.warning("step %d skipped: %s (loss %.4g, grad norm %.4g)", step, name, loss, grad_norm)
     event = {"event": "skip", "step": step, "epoch": epoch, "reason": name, "loss": loss, "grad_norm": grad_norm}
     if state.bad_batches_saved < run.cfg.bad_batch_limit and run.is_main:
@@ -943,17 +1035,21 @@ def flush_interval(run: Run, epoch: int, pending: list[torch.Tensor], batches: l
     params = list(unwrap(run.model).parameters())
     finite = torch.stack(torch._foreach_norm(params)).isfinite().all().float().view(1)
     stop = torch.tensor([float(run.stop_signal is not None)], device=finite.device)
-    table = torch.cat([torch.stack(pending).flatten(), finite, stop])
-    if run.world_size > 1:  # average losses over ranks; verdicts are equal already; agree on finite and stop
+    # GradScaler has no public getter that does not sync; its scale tensor rides along in the one read.
+    scale = (run.scaler._get_scale_async().float().view(1) if run.scaler is not None
+             else torch.full((1,), math.inf, device=finite.device))
+    table = torch.cat([torch.stack(pending).flatten(), finite, stop, scale.to(finite.device)])
+    if run.world_size > 1:  # average losses over ranks; verdicts and scales are equal already; agree on finite and stop
         torch.distributed.all_reduce(table)
         table /= run.world_size
     table = table.cpu()
-    rows, params_finite = table[:-2].view(len(pending), -1).tolist(), bool(table[-2] == 1.0)
-    if table[-1] > 0 and run.stop_signal is None:
+    rows, params_finite = table[:-3].view(len(pending), -1).tolist(), bool(table[-3] == 1.0)
+    scale_now = float(table[-1])
+    if table[-2] > 0 and run.stop_signal is None:
         run.stop_signal = "SIGTERM"  # another rank was asked to stop: every rank stops at this same step
     first = state.step
     events = [e for i, (row, batch) in enumerate(zip(rows, batches))
-              if (e := _account_step(run, epoch, first + i, row, batch)) is not None]
+              if (e := _account_step(run, epoch, first + i, row, batch, scale_now)) is not None]
     state.step += len(rows)
     state.batch += len(rows)
     # The schedule counts applied updates: take back the steps skipped in this interval.
@@ -972,7 +1068,8 @@ def flush_interval(run: Run, epoch: int, pending: list[torch.Tensor], batches: l
     images = sum(len(b["label"]) for b in batches)
     record = {"event": "log", "step": state.step, "epoch": epoch, "loss": last[0], "seg_loss": last[1],
               "cls_loss": last[2], "grad_norm": last[3], "lr": run.scheduler.get_last_lr()[0],
-              "skipped_epoch": int(state.epoch_sums.get("skipped", 0)), "rollbacks": state.rollbacks,
+              "skipped_epoch": int(state.epoch_sums.get("skipped", 0)),
+              "fp16_overflows_epoch": int(state.epoch_sums.get("fp16_overflows", 0)), "rollbacks": state.rollbacks,
               "images_per_s": images * run.world_size / max(time.perf_counter() - started, 1e-9),
               "stop": run.stop_signal is not None}
     _append_jsonl(run, events + [record])
@@ -1022,7 +1119,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
             "train_seg_loss": sums["seg"] / n if n else float("nan"),
             "train_cls_loss": sums["cls"] / n if n else float("nan"),
             "train_cls_acc": sums["correct"] / n if n else float("nan"),
-            "skipped_steps": int(sums.get("skipped", 0))}
+            "skipped_steps": int(sums.get("skipped", 0)), "fp16_overflows": int(sums.get("fp16_overflows", 0))}
 
 
 @torch.no_grad()
@@ -1036,7 +1133,7 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: StableLoss, cfg: Con
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
         masks = batch["mask"].to(device, non_blocking=True).long()
-        labels = torch.as_tensor(batch["label"]).to(device).long()
+        labels = torch.as_tensor(batch["label"]).to(device, non_blocking=True).long()
         with autocast():
             seg_logits, cls_logits = model(images)
         loss, parts = loss_fn(seg_logits, cls_logits, masks, labels)
@@ -1217,8 +1314,11 @@ def evaluate_checkpoint(cfg: Config, argv: list[str] | None) -> int:
     out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent
     out.mkdir(parents=True, exist_ok=True)
     run = build_run(cfg, out)
-    run.model.load_state_dict(payload["model"])
-    val = evaluate(run.model, run.val_loader, run.loss_fn, cfg, run.device, run.autocast)
+    unwrap(run.model).load_state_dict(payload["model"])  # checkpoints hold the model outside DDP
+    # Each rank evaluates its shard; evaluate() all-reduces the sums, so every rank has the totals.
+    val = evaluate(unwrap(run.model), run.val_loader, run.loss_fn, cfg, run.device, run.autocast)
+    if not run.is_main:
+        return 0
     names = class_names(cfg)
     log.info("%s\n%s", format_table("segmentation (val)", val["seg_cm"], names["seg"], "IoU"),
              format_table("classification (val)", val["cls_cm"], names["cls"], "F1"))
@@ -1514,6 +1614,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def configure_backends(cfg: Config, device: torch.device) -> None:
+    """Speed settings on CUDA, or with --deterministic the settings that make CUDA runs repeat bit for bit.
+
+    Called before the first CUDA kernel: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it creates its handle.
+    """
+    # Process-wide settings: set either way, so none is left over from an earlier run in this process.
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    torch.backends.cudnn.deterministic = cfg.deterministic
+    # Fixed input sizes: cuDNN's autotuned kernels pay off after the first step; autotuning may pick
+    # a different (non-deterministic) kernel on each run, so --deterministic turns it off.
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
+    if cfg.deterministic:
+        # cuBLAS is only deterministic with a fixed workspace (CUDA docs, "Results reproducibility").
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        log.info("deterministic: deterministic algorithms on, cuDNN autotuning off, CUBLAS_WORKSPACE_CONFIG=%s",
+                 os.environ["CUBLAS_WORKSPACE_CONFIG"])
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~10 bits of mantissa, ample for training
+        log.info("CUDA: cudnn.benchmark=%s, float32 matmul precision %s", torch.backends.cudnn.benchmark,
+                 torch.get_float32_matmul_precision())
+
+
 def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     """(rank, world_size, device) from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE).
 
@@ -1521,11 +1643,15 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(cfg.device)
+    configure_backends(cfg, device)
+    if world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        # Also for one process on cuda:N: pinned memory and other implicit CUDA calls use the current
+        # device, and would otherwise create a context on GPU 0.
+        torch.cuda.set_device(device)
     if world_size == 1:
         return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return torch.distributed.get_rank(), world_size, device
@@ -1535,7 +1661,11 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     """Data, model, loss, optimizer, schedule and guard for cfg, on its device (and rank, under torchrun)."""
     rank, world_size, device = setup_distributed(cfg)
     seed_everything(cfg.seed)  # the same initial weights on every rank
+    if cfg.download and world_size > 1 and rank != 0:
+        torch.distributed.barrier()  # rank 0 downloads first (below); the others then read its files
     train_ds, val_ds = build_datasets(cfg)
+    if cfg.download and world_size > 1 and rank == 0:
+        torch.distributed.barrier()
     resolve_data_settings(cfg, train_ds)
     baselines = data_baselines(cfg, train_ds, val_ds)
     if rank == 0:
@@ -1658,7 +1788,7 @@ def end_run(run: Run, outcome: str, reason: str, code: int,
               "final": state.history[-1] if state.history else {},
               "best": {"val_miou": state.best_miou, "epoch": state.best_epoch},
               "baselines": asdict(run.baselines) if run.baselines else {},
-              "skipped": state.skipped, "rollbacks": state.rollbacks}
+              "skipped": state.skipped, "fp16_overflows": state.fp16_overflows, "rollbacks": state.rollbacks}
     _append_jsonl(run, [record])
     return code
 
@@ -1669,8 +1799,10 @@ def conclude(run: Run) -> int:
     verdicts = judge_learning(state.history, run.baselines, cfg)
     failed = [v for v in verdicts.values() if v.verdict in ("did not learn", "memorising")]
     skipped = sum(state.skipped.values())
+    overflows = f"; {state.fp16_overflows} fp16 overflows (GradScaler calibration)" if state.fp16_overflows else ""
     summary = (f"best val mIoU {state.best_miou:.4f} at epoch {state.best_epoch}; {skipped} skipped steps"
-               f"{f' {state.skipped}' if skipped else ''}; {state.rollbacks} rollbacks; run folder {run.run_dir}")
+               f"{f' {state.skipped}' if skipped else ''}{overflows}; {state.rollbacks} rollbacks; "
+               f"run folder {run.run_dir}")
     outcome = "early_stop" if state.early_stop else "finished"
     if not verdicts:
         log.warning("done: no epoch row to judge (the checkpoint predates the verdict): %s", summary)
@@ -1693,7 +1825,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(argv, prog="train_enhanced_adaptivestream.py")
         if cfg.eval_only or cfg.predict or cfg.export:  # no run folder, no training
-            handlers = setup_logging(None)
+            handlers = setup_logging(None, quiet=int(os.environ.get("RANK", "0")) != 0)
             command = evaluate_checkpoint if cfg.eval_only else predict_images if cfg.predict else export_model
             return command(cfg, argv)
         run, handlers = _start(cfg)

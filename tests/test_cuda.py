@@ -9,6 +9,7 @@ run outside the check, as in a real run.
 import pytest
 import torch
 
+import test_guard
 import train_enhanced_adaptivestream as T
 from test_guard import assert_unchanged, snapshot
 
@@ -65,3 +66,46 @@ def test_skipped_nan_step_makes_no_host_sync_and_changes_nothing(make_run):
     stats = run_without_sync(run, [(poisoned, masks, labels)], rounds=1)
     assert T.SKIP_REASONS[int(stats[0, 4])] == "non-finite loss"
     assert_unchanged(before, run)
+
+
+def test_steady_state_steps_through_the_dataloader_make_no_host_sync(make_run):
+    """The real input path: pinned batches copied with non_blocking=True, then the guarded step."""
+    run = make_run("--device", "cuda", "--num-workers", "1", "--synthetic-train-size", "32")
+    batches = iter(run.train_loader)
+    for _ in range(2):
+        T.train_step(run, *T.to_device(next(batches), run))  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = [T.train_step(run, *T.to_device(batch, run)) for batch in batches]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(stats) == 6 and torch.stack(stats)[:, 4].eq(0).all()
+
+
+def test_skipped_first_sgd_step_equals_a_clean_step_on_cuda(make_run):
+    test_guard.test_skipped_first_step_then_a_step_equals_one_clean_step_bit_for_bit(
+        lambda *extra: make_run("--device", "cuda", "--deterministic", *extra), "sgd")
+
+
+def test_fp16_calibration_is_counted_apart_on_cuda(make_run, caplog):
+    test_guard.test_fp16_scaler_calibration_is_counted_apart_not_as_skips_or_bad_batches(
+        lambda *extra: make_run("--device", "cuda", *extra), caplog)
+
+
+def test_grouped_bn_restore_is_bit_identical_and_sync_free_on_cuda(make_run):
+    run = make_run("--device", "cuda")
+    (images, masks, labels), = device_batches(run, 1)
+    T.train_step(run, images, masks, labels)
+    buffers = [b.clone() for b in run.guard.buffers]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run.guard.stash_buffers()
+        for buf in run.guard.buffers:
+            buf.add_(1)  # what a forward pass in train mode does to the running statistics
+        run.guard.commit(torch.ones((), dtype=torch.bool, device="cuda"), torch.ones((), device="cuda"),
+                         torch.ones((), device="cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, run.guard.buffers))

@@ -2,10 +2,13 @@
 metrics equal a one-process evaluation, and checkpoints move between process counts."""
 
 import csv
+import json
 import os
+import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,3 +61,55 @@ def test_a_fault_on_rank_1_only_is_skipped_on_both_ranks_without_a_hang(tmp_path
     expected = {"non-finite gradient": 1, "gradient explosion": 1}
     assert rank0["skipped"] == expected and rank1["skipped"] == expected
     assert_same_weights(rank0, rank1)
+
+
+def draws():
+    return {"torch": torch.rand(4), "numpy": torch.from_numpy(np.random.rand(4)), "python": random.random()}
+
+
+def same(a, b):
+    return all(torch.equal(a[k], b[k]) if k != "python" else a[k] == b[k] for k in a)
+
+
+def test_each_rank_keeps_its_own_random_streams_and_loader_seeds_across_resumes(tmp_path, make_run):
+    """Checkpoints hold every rank's own RNG streams: a same-size resume gives each rank its own stream
+    back, a 2-process checkpoint resumes in 1 process (rank 0's stream) and a 1-process one in 2
+    (rank 1 seeds itself from SEED + 1, so the ranks' augmentation differs). DataLoader workers are
+    seeded from SEED + rank."""
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    single = make_run()
+    torch.save(T.checkpoint_payload(single), dump / "one.pt")
+    one_stream = draws()
+    env = dict(os.environ, DDP_TEST_DUMP=str(dump), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "_rng_worker.py"), *TINY, "--out-dir", str(tmp_path / "run2")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["worker_seed"] != rank1["worker_seed"], "DataLoader workers seeded alike on both ranks"
+    assert not same(rank0["saved"], rank1["saved"])
+    for rank in (rank0, rank1):
+        assert same(rank["restored"], rank["saved"]), "a same-size resume did not restore this rank's own stream"
+    assert same(rank0["from_one"], one_stream), "1 -> 2: rank 0 did not get the single process's stream"
+    assert not same(rank0["from_one"], rank1["from_one"]), "1 -> 2: both ranks draw the same numbers"
+    T.restore_training_state(single, torch.load(dump / "two.pt", weights_only=True))
+    assert same(draws(), rank0["saved"]), "2 -> 1: the single process did not get rank 0's stream"
+
+
+def test_eval_only_under_torchrun_equals_a_one_process_evaluation(tmp_path):
+    """--eval-only under torchrun loads the checkpoint into the model inside DDP and sums every rank's shard."""
+    run_dir = tmp_path / "run"
+    assert T.main(ARGS + ["--epochs", "1", "--out-dir", str(run_dir)]) == 0
+    checkpoint = str(run_dir / "last.pt")
+    assert T.main(ARGS + ["--eval-only", "--checkpoint", checkpoint, "--out", str(tmp_path / "one")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_enhanced_adaptivestream.py"), *ARGS, "--eval-only", "--checkpoint", checkpoint,
+           "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
+    assert two["per_class"]["seg"] == one["per_class"]["seg"]  # counts over all 7 val images, each once
+    for key, value in one["metrics"].items():
+        assert two["metrics"][key] == pytest.approx(value, rel=1e-5), key

@@ -128,3 +128,80 @@ def test_recalibrate_bn_replaces_poisoned_running_stats(make_run):
     T.recalibrate_bn(run.model, run.train_loader, 2, run.device)
     assert norm.running_mean.abs().max() < 100 and norm.momentum == 0.1
     assert norm.num_batches_tracked.item() == 2
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_skipped_first_step_then_a_step_equals_one_clean_step_bit_for_bit(make_run, optimizer):
+    """Fused SGD creates its momentum buffers with empty_like on the first step and its kernel returns
+    early when found_inf is 1: a skipped first step would leave them as uninitialised memory."""
+    clean, skipped = make_run("--optimizer", optimizer), make_run("--optimizer", optimizer)
+    skipped.model.load_state_dict(clean.model.state_dict())
+    images, masks, labels = first_batch(clean)
+    torch.manual_seed(0)  # dropout draws the same in both runs
+    T.train_step(clean, images, masks, labels)
+    garbage = [torch.full_like(p, 1e30) for p in skipped.model.parameters()]  # freed memory empty_like may reuse
+    del garbage
+    handle = skipped.model.seg_head.bias.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    assert T.SKIP_REASONS[int(T.train_step(skipped, images, masks, labels)[4])] == "non-finite gradient"
+    handle.remove()
+    skipped.scheduler.last_epoch -= 1  # as flush_interval does: the schedule counts applied updates
+    skipped.scheduler.refresh()
+    torch.manual_seed(0)
+    T.train_step(skipped, images, masks, labels)
+    for (name, a), b in zip(clean.model.state_dict().items(), skipped.model.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs from a clean first step"
+    state_a, state_b = clean.optimizer.state_dict()["state"], skipped.optimizer.state_dict()["state"]
+    assert state_a.keys() == state_b.keys()
+    for index, entry in state_a.items():
+        for key, tensor in entry.items():
+            assert torch.equal(tensor, state_b[index][key]), f"optimizer state {index}.{key} differs"
+
+
+def test_fp16_scaler_calibration_is_counted_apart_not_as_skips_or_bad_batches(make_run, caplog):
+    """GradScaler starting far too high overflows on its first steps while it finds its scale: expected,
+    so no bad-batch files, no skip toward MAX_SKIP_FRACTION or the rollback ladder, its own count."""
+    run = make_run("--amp", "fp16", "--epochs", "1", "--warmup-epochs", "0", "--max-skip-fraction", "0.1",
+                   "--max-consecutive-skips", "2")
+    run.scaler = torch.amp.GradScaler(run.device.type, init_scale=2.0**40)  # overflows fp16 gradients for several steps
+    with caplog.at_level("INFO", logger="adaptivestream"):
+        stats = T.train_one_epoch(run, 0)
+    overflows = run.state.fp16_overflows
+    assert overflows >= 2, "the test needs calibration overflows"
+    assert stats["fp16_overflows"] == overflows and stats["skipped_steps"] == 0
+    assert run.state.skipped == {} and run.state.rollbacks == 0 and run.state.bad_batches_saved == 0
+    assert not (run.run_dir / "bad_batches").exists()
+    events = [json.loads(line) for line in (run.run_dir / "steps.jsonl").read_text().splitlines()]
+    assert [e for e in events if e["event"] == "log"][-1]["fp16_overflows_epoch"] == overflows
+    assert not [e for e in events if e["event"] == "skip"]
+
+
+def test_unguarded_fp16_step_leaves_an_overflow_to_the_scaler(make_run):
+    """The benchmark's unguarded arm (guard None) under fp16: an overflowed step must be skipped by
+    GradScaler.step, not applied (after unscale_ the gradients hold inf, and clipping turns them into NaN)."""
+    run = make_run("--amp", "fp16")
+    run.guard = None
+    images, masks, labels = first_batch(run)
+    T.train_step(run, images, masks, labels)  # optimizer state exists from here on
+    before = snapshot(run)
+    handle = run.model.seg_head.weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    T.train_step(run, images, masks, labels)
+    handle.remove()
+    after = run.model.state_dict()
+    for name, tensor in before[0].items():
+        if "running" not in name and "num_batches" not in name:  # unguarded: BN statistics are not restored
+            assert torch.equal(tensor, after[name]), f"{name} changed on an overflowed unguarded step"
+    assert run.scaler.get_scale() < 65536.0
+
+
+def test_bn_stash_and_restore_take_a_handful_of_ops_not_one_per_buffer(make_run):
+    """63 BN buffers (float32 and int64): grouped by dtype, stash and restore are a few ops, not ~190 kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run = make_run()
+    guard, skip, loss, grad_norm = run.guard, torch.tensor(True), torch.tensor(1.0), torch.tensor(1.0)
+    assert len(guard.buffers) == 63
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        guard.stash_buffers()
+        guard.commit(skip, loss, grad_norm)
+    top_level = [e.name for e in prof.events() if e.cpu_parent is None]
+    assert len(top_level) <= 10, top_level  # per dtype: cat (stash); cat, where, split, _foreach_copy_ (restore)

@@ -35,3 +35,16 @@ def test_table_names_every_class_and_marks_absent_ones():
     lines = table.splitlines()
     assert lines[2].split()[:2] == ["bg", "4"] and lines[2].split()[-1] == "0.750"
     assert lines[4].split() == ["hat", "0", "-", "-", "-"]
+
+
+def test_confusion_matrix_has_no_data_dependent_shape_so_no_host_sync():
+    """Boolean indexing (nonzero) and bincount size their output from the data: on CUDA both wait for the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    target = torch.tensor([0, 0, 1, 1, 255, 2, 7])  # 7: out of range, dropped like the ignored 255
+    pred = torch.tensor([0, 1, 1, 1, 0, 0, 2])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        cm = confusion_matrix(pred, target, 3, ignore_index=255)
+    assert cm.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    names = {e.name for e in prof.events()}
+    assert not names & {"aten::nonzero", "aten::bincount", "aten::masked_select"}, names

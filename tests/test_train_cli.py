@@ -2,6 +2,7 @@
 
 import csv
 import math
+import os
 
 import pytest
 import torch
@@ -86,3 +87,16 @@ def test_non_finite_weights_are_never_written(tmp_path):
     assert not T.save_checkpoint(good, {"format": T.CHECKPOINT_FORMAT, "model": {"w": torch.tensor([1.0, math.inf])}})
     assert good.read_bytes() == before
     assert not (tmp_path / "last.pt.tmp").exists()
+
+
+def test_deterministic_flag_sets_deterministic_algorithms_and_the_cublas_workspace(monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # recorded, so the test leaves the variable as it found it
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    cfg = T.load_config(TINY + ["--deterministic"])
+    try:
+        T.configure_backends(cfg, torch.device("cpu"))
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and not torch.backends.cudnn.benchmark
+    finally:
+        T.configure_backends(T.load_config(TINY), torch.device("cpu"))
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One GPU check, under 8 minutes on one GPU: CUDA tests, quick_test on CUDA, the benchmark in fp32,
+# bf16 + channels-last and --compile, and torchrun with one process per GPU when there are 2 or more.
+# Prints one summary table; exits 1 if any part failed.
+# Without CUDA it runs the CPU equivalents (quick, tiny), says what it skipped and why, and exits 0
+# when those pass.
+#
+#   bash benchmarks/gpu_check.sh            # PYTHON=.venv/bin/python by default
+set -u
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+OUT=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)") || {
+    echo "gpu_check: $PYTHON cannot import torch" >&2; exit 2; }
+NAMES=(); RESULTS=(); FAILED=0
+# Tiny benchmark settings: the check is that each mode runs, not how fast (benchmarks/README.md times them).
+BENCH=(--steps 4 --warmup 2 --eval-batches 2 --loader-batches 2 --image-size 64 --batch-size 8)
+
+step() {  # step NAME COMMAND...: run it, log to $OUT/NAME.log, record pass/fail with seconds
+    local name=$1; shift
+    local start=$SECONDS
+    if "$@" >"$OUT/$name.log" 2>&1; then
+        RESULTS+=("pass  $((SECONDS - start))s"); else RESULTS+=("FAIL  $((SECONDS - start))s (log: $OUT/$name.log)"); FAILED=1; fi
+    NAMES+=("$name")
+}
+skip() { NAMES+=("$1"); RESULTS+=("skipped: $2"); }
+
+if [ "$GPUS" -gt 0 ]; then
+    step cuda-tests "$PYTHON" -m pytest -q tests/test_cuda.py
+    step quick-test "$PYTHON" quick_test.py --device cuda
+    step bench-fp32 "$PYTHON" benchmarks/bench_train.py --device cuda "${BENCH[@]}" --json "$OUT/fp32.json"
+    step bench-bf16-cl "$PYTHON" benchmarks/bench_train.py --device cuda --amp bf16 --channels-last "${BENCH[@]}" \
+        --json "$OUT/bf16.json"
+    step bench-compile "$PYTHON" benchmarks/bench_train.py --device cuda --compile "${BENCH[@]}" --json "$OUT/compile.json"
+    if [ "$GPUS" -ge 2 ]; then
+        step torchrun "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" \
+            train_enhanced_adaptivestream.py --device cuda --epochs 1 --synthetic-train-size 128 \
+            --synthetic-val-size 32 --image-size 64 --no-require-learning --out-dir "$OUT/torchrun"
+    else
+        skip torchrun "1 GPU: one process per GPU needs 2 or more"
+    fi
+else
+    skip cuda-tests "no CUDA device (tests/test_cuda.py skips itself without one)"
+    # The CPU twins of the CUDA tests: guard, SGD first-step skip, fp16 calibration, grouped BN restore.
+    step guard-tests-cpu "$PYTHON" -m pytest -q tests/test_guard.py tests/test_metrics.py
+    skip quick-test "no CUDA device (quick_test.py on CPU is .ci/run's job)"
+    step bench-cpu-fp32 "$PYTHON" benchmarks/bench_train.py --device cpu "${BENCH[@]}" --steps 2 --warmup 1 \
+        --json "$OUT/fp32.json"
+    skip bench-bf16-cl "no CUDA device (bf16 + channels-last is a GPU speed check)"
+    skip bench-compile "no CUDA device (torch.compile on CPU needs a C++ toolchain and minutes)"
+    skip torchrun "no CUDA device (tests/test_distributed.py runs torchrun on CPU with Gloo)"
+fi
+
+echo
+printf '%-16s %s\n' "check" "result"
+for i in "${!NAMES[@]}"; do printf '%-16s %s\n' "${NAMES[$i]}" "${RESULTS[$i]}"; done
+echo "logs and JSON: $OUT"
+exit $FAILED
