@@ -354,15 +354,25 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def load_config(argv: list[str] | None = None, prog: str | None = None) -> Config:
-    """Resolve defaults < --config YAML < command-line flags; raise ConfigError on a bad setting."""
+def parser_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """The long flags a script's own parser defines (for load_config's own_flags)."""
+    return [o for action in parser._actions for o in action.option_strings if o.startswith("--") and o != "--help"]
+
+
+def load_config(argv: list[str] | None = None, prog: str | None = None,
+                own_flags: list[str] | tuple[str, ...] = ()) -> Config:
+    """Resolve defaults < --config YAML < command-line flags; raise ConfigError on a bad setting.
+
+    own_flags: the calling script's own flags (diagnose, bench), parsed before this; a typo is matched
+    against them too, so `--stpes` suggests `--steps` rather than the nearest training flag.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     table = settings()
     parser = build_parser(prog)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         word = unknown[0].split("=")[0]
-        flags = [flag(n) for n in table] + ["--config"]
+        flags = [flag(n) for n in table] + ["--config", *own_flags]
         raise ConfigError(f"unknown flag {word}{_closest(word, flags)}; see --help for the list")
     values = {name: default for name, (_, default, _) in table.items()}
     config_path = getattr(args, "config", None)

@@ -40,7 +40,7 @@ import train_enhanced_adaptivestream as T
 from data import (DOMINANT_CLASS_FRACTION, Baselines, DataError, build_datasets, build_loaders, data_baselines,
                   invalid_mask_values, value_counts)
 from results import column, read_metrics
-from config import Config, ConfigError, load_config
+from config import Config, ConfigError, load_config, parser_flags
 
 # ---- Thresholds (every numeric rule of the report) ----
 LR_RANGE = {"adamw": (1e-5, 1e-2), "sgd": (1e-4, 1.0)}  # usual peak LRs per optimizer; outside -> WARN
@@ -1158,7 +1158,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     """Own flags first; everything else goes to load_config, so every training flag works."""
-    options, rest = build_parser().parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    parser = build_parser()
+    options, rest = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
     options.run_config = None
     if options.run and not any(a == "--config" or a.startswith("--config=") for a in rest):
         run_config = Path(options.run) / "config.yaml"
@@ -1166,7 +1167,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
             rest = ["--config", str(run_config), *rest]
             options.run_config = str(run_config)
     try:
-        cfg = load_config(rest, prog="diagnose_training.py")
+        cfg = load_config(rest, prog="diagnose_training.py", own_flags=parser_flags(parser))
     except ConfigError as err:
         if str(err).startswith("unknown flag"):
             raise ConfigError(f"{err} (this script's own flags: --run --checkpoint --batch --json --quick "

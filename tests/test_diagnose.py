@@ -81,7 +81,8 @@ def test_cli_with_a_nan_checkpoint_exits_1_and_ranks_the_weights_first(healthy_r
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--bacth-size", "4"], "unknown flag --bacth-size"),
+    (["--bacth-size", "4"], "unknown flag --bacth-size (did you mean '--batch-size'?)"),
+    (["--quik"], "unknown flag --quik (did you mean '--quick'?)"),  # the script's own flags are suggested too
     (["--checkpoint", "missing.pt"], "--checkpoint: checkpoint missing.pt does not exist"),
     (["--run", "no_such_folder"], "--run: no_such_folder is not a folder"),
     (["--batch", "notes.txt"], "--batch: bad-batch file notes.txt cannot be read"),
