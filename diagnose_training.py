@@ -3,7 +3,7 @@
     python diagnose_training.py --quick                                   # the default config, < 1 min on 2 CPU cores
     python diagnose_training.py --config my.yaml                          # same flags as training (+ overfit test)
     python diagnose_training.py --run runs/a --checkpoint runs/a/last.pt  # uses runs/a/config.yaml unless --config
-    python diagnose_training.py --batch runs/a/bad_batches/step_123.pt    # replay a batch the guard skipped
+    python diagnose_training.py --batch runs/a/bad_batches/step_123.pt    # replay a skipped batch (with runs/a/config.yaml)
     python diagnose_training.py --quick --json report.json                # the same results, machine-readable
 
 Every training flag works here (they go to config.load_config). Each check prints one line
@@ -1147,7 +1147,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "its config.yaml is the config unless --config is given")
     parser.add_argument("--checkpoint", metavar="FILE.pt", help="checkpoint to check (finite, fits the config); "
                         "its weights are used for the BatchNorm check")
-    parser.add_argument("--batch", metavar="FILE.pt", help="bad-batch file saved by the training loop: replay it")
+    parser.add_argument("--batch", metavar="FILE.pt", help="bad-batch file saved by the training loop: replay it; "
+                        "its run's config.yaml (above bad_batches/) is the config unless --config or --run is given")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--quick", action="store_true", help=f"check {QUICK_SCAN_SAMPLES} samples per split and "
                         "skip the overfit and input-dependence tests")
@@ -1161,8 +1162,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     parser = build_parser()
     options, rest = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
     options.run_config = None
-    if options.run and not any(a == "--config" or a.startswith("--config=") for a in rest):
-        run_config = Path(options.run) / "config.yaml"
+    # The run the files came from: --run, or the folder above a bad batch's bad_batches/ (its batch was
+    # made by that run's config: image size, classes, normalisation).
+    batch = Path(options.batch) if options.batch else None
+    run_dir = options.run or (batch.parent.parent if batch and batch.parent.name == "bad_batches" else None)
+    if run_dir and not any(a == "--config" or a.startswith("--config=") for a in rest):
+        run_config = Path(run_dir) / "config.yaml"
         if run_config.is_file():
             rest = ["--config", str(run_config), *rest]
             options.run_config = str(run_config)

@@ -323,6 +323,17 @@ def test_bad_batch_replay_tells_data_weights_and_numerics_apart(tmp_path, case, 
         assert by_name(checks, "bad_batch.nan.float32.forward").status == "PASS"
 
 
+@pytest.mark.parametrize("given", [[], ["--config", "other.yaml"]])
+def test_a_bad_batch_is_replayed_with_its_runs_config_unless_config_is_given(tmp_path, monkeypatch, given):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run" / "bad_batches").mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text("image_size: 48\n")
+    (tmp_path / "other.yaml").write_text("image_size: 40\n")
+    options, cfg = D.parse_args(["--batch", "run/bad_batches/step_7.pt", *given])
+    assert cfg.image_size == (40 if given else 48)
+    assert options.run_config == (None if given else "run/config.yaml")
+
+
 # ---- summary ----
 def test_root_causes_rank_fail_before_warn_and_upstream_before_downstream():
     checks = [D.judge("run.skipped", False, "", "", "fix run", "run"),
