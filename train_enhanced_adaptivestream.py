@@ -27,8 +27,9 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -476,8 +477,9 @@ def save_bad_batch(path: Path, batch: dict[str, Any], *, step: int, epoch: int, 
                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "config": cfg.to_dict()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with signals_deferred():
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
 
 
 def load_bad_batch(path: str | Path) -> dict[str, Any]:
@@ -695,6 +697,28 @@ def nonfinite_tensors(tree: Any, prefix: str = "") -> list[str]:
     return bad
 
 
+@contextmanager
+def signals_deferred(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
+    """Hold SIGINT/SIGTERM for the duration of a file write, then deliver them in order.
+
+    A second Ctrl-C raises KeyboardInterrupt at once; inside torch.save it would leave only the .tmp file
+    and chained tracebacks. The write takes well under a second, so waiting for it costs the user nothing.
+    Handlers can only change in the main thread; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)  # None: set outside Python
+        for signum in received:
+            signal.raise_signal(signum)
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any], write: bool = True) -> bool:
     """Write atomically: temp file, fsync, os.replace, fsync of the folder. A crash at any point leaves
     the previous file intact. Refuse (log, return False) if a tensor is non-finite or the write fails
@@ -707,16 +731,17 @@ def save_checkpoint(path: Path, payload: dict[str, Any], write: bool = True) -> 
         return False
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        with signals_deferred():
+            with open(tmp, "wb") as handle:
+                torch.save(payload, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         log.error("could not write %s (%s); the previous file is kept", path, err)
@@ -1380,11 +1405,14 @@ def resume_path(cfg: Config, run_dir: Path) -> Path | None:
 
 
 def install_stop_handlers(run: Run) -> dict[int, Any]:
-    """SIGTERM/SIGINT: finish the current step, save last.pt, exit. A second SIGINT interrupts at once."""
+    """SIGTERM/SIGINT: finish the current step, save last.pt, exit. A second SIGINT interrupts at once
+    (main() exits 130), except during a checkpoint write, which finishes first (signals_deferred)."""
 
     def request_stop(signum: int, frame: Any) -> None:
-        if run.stop_signal and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if run.stop_signal:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return  # already stopping; the first signal decides the exit code
         run.stop_signal = signal.Signals(signum).name
         log.warning("%s received: finishing the current step, then saving last.pt", run.stop_signal)
 
@@ -1497,6 +1525,7 @@ def conclude(run: Run) -> int:
 def main(argv: list[str] | None = None) -> int:
     handlers: list[logging.Handler] = []
     previous_handlers: dict[int, Any] = {}
+    run: Run | None = None
     try:
         cfg = load_config(argv, prog="train_enhanced_adaptivestream.py")
         if cfg.eval_only or cfg.predict:  # no run folder, no training
@@ -1513,9 +1542,23 @@ def main(argv: list[str] | None = None) -> int:
         log.error("training failed: %s", err)
         return end_run(run, "failed", str(err), 1)
     except StopRequested as err:
+        for sig in previous_handlers:  # last.pt is written: a further Ctrl-C must not cut the exit record short
+            signal.signal(sig, signal.SIG_IGN)
         log.warning("stopped by %s at epoch %d, step %d; last.pt is saved. Resume with the same command plus "
                     "--resume %s", err, run.state.epoch + 1, run.state.step, run.run_dir / "last.pt")
         return end_run(run, "stopped", f"{err} at step {run.state.step}", 0 if str(err) == "SIGTERM" else 130)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: an expected way out, no traceback
+        for sig in previous_handlers:
+            signal.signal(sig, signal.SIG_IGN)
+        if run is None:
+            (log.warning if handlers else lambda m: print(m, file=sys.stderr))("interrupted (Ctrl-C) before training "
+                                                                              "started")
+            return 130
+        last = run.run_dir / "last.pt"
+        log.warning("interrupted by a second Ctrl-C at epoch %d, step %d; %s", run.state.epoch + 1, run.state.step,
+                    f"{last} holds the last completed save (a checkpoint write is never cut short). Resume with "
+                    f"the same command plus --resume {last}" if last.is_file() else "no checkpoint was saved yet")
+        return end_run(run, "stopped", f"second SIGINT at step {run.state.step}", 130)
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
