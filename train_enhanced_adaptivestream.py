@@ -523,6 +523,17 @@ def take_snapshot(run: Run) -> dict[str, Any]:
     return _cpu_copy(training_state(run))
 
 
+def replay_hint(run: Run) -> str:
+    """Where the saved skipped batches are and how to replay one: the next step of both aborts."""
+    bad = run.run_dir / "bad_batches"
+    first = f"step_{min(int(p.stem[5:]) for p in bad.glob('step_*.pt'))}" if any(bad.glob("step_*.pt")) else None
+    if first is None:
+        return f"No skipped batch was saved (bad_batch_limit={run.cfg.bad_batch_limit}): run diagnose_training.py " \
+               f"--run {run.run_dir}"
+    return (f"The first {run.state.bad_batches_saved} skipped batches are in {bad}: replay one with `python "
+            f"diagnose_training.py --batch {bad}/{first}.pt`, or run `python diagnose_training.py --run {run.run_dir}`")
+
+
 def roll_back(run: Run, why: str) -> dict[str, Any]:
     """Restore the last snapshot and back the LR off; abort after MAX_ROLLBACKS. Returns the event record.
 
@@ -530,12 +541,9 @@ def roll_back(run: Run, why: str) -> dict[str, Any]:
     """
     cfg, state = run.cfg, run.state
     if state.rollbacks >= cfg.max_rollbacks:
-        bad = run.run_dir / "bad_batches"
         raise TrainingFailed(
             f"{why} at step {state.step}, after {state.rollbacks} rollbacks already (max_rollbacks="
-            f"{cfg.max_rollbacks}); skipped steps so far: {state.skipped}. The skipped batches are in {bad}: "
-            f"replay one with `python diagnose_training.py --batch {bad}/step_<N>.pt`, or run "
-            f"diagnose_training.py with this run's flags")
+            f"{cfg.max_rollbacks}); skipped steps so far: {state.skipped}. {replay_hint(run)}")
     restore_training_state(run, run.snapshot)
     state.rollbacks += 1
     state.lr_scale *= cfg.lr_backoff
@@ -970,8 +978,16 @@ def flush_interval(run: Run, epoch: int, pending: list[torch.Tensor], batches: l
     if table[-1] > 0 and run.stop_signal is None:
         run.stop_signal = "SIGTERM"  # another rank was asked to stop: every rank stops at this same step
     first = state.step
-    events = [e for i, (row, batch) in enumerate(zip(rows, batches))
-              if (e := _account_step(run, epoch, first + i, row, batch)) is not None]
+    events, run_of_skips = [], ""
+    for i, (row, batch) in enumerate(zip(rows, batches)):
+        if (event := _account_step(run, epoch, first + i, row, batch)) is not None:
+            events.append(event)
+        # Counted per step, so the rollback follows exactly max_consecutive_skips skips in a row, also when
+        # they straddle two intervals or an accepted step follows them in the same interval. It is carried
+        # out at this flush (the snapshot is on the host); later steps of the interval ran on the weights it
+        # discards, so they do not count towards the next one (roll_back resets the counter).
+        if not run_of_skips and state.consecutive_skips >= cfg.max_consecutive_skips:
+            run_of_skips = f"{state.consecutive_skips} consecutive skipped steps (the last at step {first + i})"
     state.step += len(rows)
     state.batch += len(rows)
     # The schedule counts applied updates: take back the steps skipped in this interval.
@@ -979,10 +995,8 @@ def flush_interval(run: Run, epoch: int, pending: list[torch.Tensor], batches: l
     if skipped:
         run.scheduler.last_epoch -= skipped
         run.scheduler.refresh()
-    if not params_finite or state.consecutive_skips >= cfg.max_consecutive_skips:
-        why = ("parameters became non-finite" if not params_finite
-               else f"{state.consecutive_skips} consecutive skipped steps")
-        events.append(roll_back(run, why))
+    if not params_finite or run_of_skips:
+        events.append(roll_back(run, "parameters became non-finite" if not params_finite else run_of_skips))
     elif not skipped and state.accepted_since_snapshot >= cfg.snapshot_every:
         run.snapshot = take_snapshot(run)
         state.accepted_since_snapshot = 0
@@ -998,7 +1012,7 @@ def flush_interval(run: Run, epoch: int, pending: list[torch.Tensor], batches: l
         raise TrainingFailed(
             f"{int(state.epoch_sums['skipped'])} of {run.steps_per_epoch} steps in epoch {epoch + 1} were skipped "
             f"(more than max_skip_fraction={cfg.max_skip_fraction}); reasons so far: {state.skipped}. Training is "
-            f"not learning: see {run.run_dir / 'steps.jsonl'} and run diagnose_training.py with the same flags")
+            f"not learning: every skip is in {run.run_dir / 'steps.jsonl'}. {replay_hint(run)}")
     if cfg.checkpoint_every and state.step // cfg.checkpoint_every > first // cfg.checkpoint_every:
         save_checkpoint(run.run_dir / "last.pt", checkpoint_payload(run), run.is_main)
     return record
