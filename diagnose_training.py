@@ -912,19 +912,27 @@ SKIP_FIXES = {
 
 
 def skipped_per_epoch(events: list[dict[str, Any]]) -> dict[int, tuple[int, int, Counter]]:
-    """epoch (1-based) -> (skipped, steps, reasons) from steps.jsonl; steps from the step counter of log lines."""
+    """epoch (1-based) -> (skipped, steps, reasons) from steps.jsonl.
+
+    steps is the epoch's length, the training script's max_skip_fraction denominator: the end event's
+    steps_per_epoch, so that an epoch the run aborted in reads "10/16" as the abort message does. Runs
+    written before that field: the steps the log lines (and skips) account for in that epoch.
+    """
     ends: dict[int, int] = {}
     for event in events:
         if event.get("event") == "log":
             ends[event["epoch"]] = max(ends.get(event["epoch"], 0), event["step"])
+        elif event.get("event") == "skip":  # an abort can come before the interval's log line
+            ends[event["epoch"]] = max(ends.get(event["epoch"], 0), event["step"] + 1)
     reasons: dict[int, Counter] = {}
     for event in events:
         if event.get("event") == "skip":
             reasons.setdefault(event["epoch"], Counter())[event["reason"]] += 1
+    length = next((e.get("steps_per_epoch") for e in reversed(events) if e.get("event") == "end"), None)
     result, previous = {}, 0
     for epoch in sorted(ends):
         found = reasons.get(epoch, Counter())
-        result[epoch + 1] = (sum(found.values()), ends[epoch] - previous, found)
+        result[epoch + 1] = (sum(found.values()), length or ends[epoch] - previous, found)
         previous = ends[epoch]
     return result
 

@@ -995,8 +995,12 @@ def flush_interval(run: Run, epoch: int, pending: list[torch.Tensor], batches: l
     if skipped:
         run.scheduler.last_epoch -= skipped
         run.scheduler.refresh()
+    abort = None
     if not params_finite or run_of_skips:
-        events.append(roll_back(run, "parameters became non-finite" if not params_finite else run_of_skips))
+        try:
+            events.append(roll_back(run, "parameters became non-finite" if not params_finite else run_of_skips))
+        except TrainingFailed as err:
+            abort = err  # raised once this interval's skips and steps are in steps.jsonl (diagnose reads them)
     elif not skipped and state.accepted_since_snapshot >= cfg.snapshot_every:
         run.snapshot = take_snapshot(run)
         state.accepted_since_snapshot = 0
@@ -1008,6 +1012,8 @@ def flush_interval(run: Run, epoch: int, pending: list[torch.Tensor], batches: l
               "images_per_s": images * run.world_size / max(time.perf_counter() - started, 1e-9),
               "stop": run.stop_signal is not None}
     _append_jsonl(run, events + [record])
+    if abort is not None:
+        raise abort
     if state.epoch_sums.get("skipped", 0) > cfg.max_skip_fraction * run.steps_per_epoch:
         raise TrainingFailed(
             f"{int(state.epoch_sums['skipped'])} of {run.steps_per_epoch} steps in epoch {epoch + 1} were skipped "
@@ -1503,7 +1509,7 @@ def end_run(run: Run, outcome: str, reason: str, code: int,
               "learned": None if not verdicts else all(v.verdict in ("learned", "not trained")
                                                        for v in verdicts.values()),
               "verdict": {head: asdict(v) for head, v in (verdicts or {}).items()},
-              "epochs_done": len(state.history), "step": state.step,
+              "epochs_done": len(state.history), "step": state.step, "steps_per_epoch": run.steps_per_epoch,
               "final": state.history[-1] if state.history else {},
               "best": {"val_miou": state.best_miou, "epoch": state.best_epoch},
               "baselines": asdict(run.baselines) if run.baselines else {},

@@ -120,6 +120,8 @@ def test_consecutive_skips_roll_back_then_abort_with_a_pointer_to_the_bad_batche
     err = capsys.readouterr().err
     assert "after 2 rollbacks already" in err and "diagnose_training.py --batch" in err
     assert len(list((run_dir / "bad_batches").glob("step_*.pt"))) == 3
+    # The aborting interval's skip is on record too (it used to be lost with the abort).
+    assert len(events(run_dir, "skip")) == sum(events(run_dir, "end")[-1]["skipped"].values()) == 3
 
 
 def test_a_non_finite_checkpoint_is_never_written_and_the_previous_one_is_kept(make_run, tmp_path, caplog):
