@@ -331,6 +331,21 @@ def _validate_modes(cfg: Config) -> None:
         raise ConfigError("out: only used with --eval-only or --predict; a training run's folder is --out-dir")
 
 
+# Data settings only some datasets read: set for another dataset they do nothing, which start-up says.
+DATASET_ONLY = {"data_root": ("folder", "oxford_pet"), "mask_suffix": ("folder",), "mask_scale": ("folder",),
+                "color_map": ("folder",), "label_regex": ("folder",), "val_fraction": ("folder",),
+                "pet_target": ("oxford_pet",), "download": ("oxford_pet",),
+                "synthetic_train_size": ("synthetic",), "synthetic_val_size": ("synthetic",)}
+
+
+def unused_settings(cfg: Config) -> list[str]:
+    """Warnings for the DATASET_ONLY settings changed from their default that cfg.dataset ignores."""
+    default = defaults()
+    return [f"{key} is set but dataset {cfg.dataset} does not use it (only {' and '.join(users)}): it has no effect"
+            for key, users in DATASET_ONLY.items()
+            if cfg.dataset not in users and getattr(cfg, key) != default[key]]
+
+
 def effective_warmup_epochs(cfg: Config) -> float:
     """WARMUP_EPOCHS, shortened to half the run when it would fill the whole run (--epochs 1 with defaults)."""
     return cfg.warmup_epochs if cfg.warmup_epochs < cfg.epochs else cfg.epochs / 2
@@ -346,11 +361,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                      description="Settings default to config.py; YAML keys are the lower-case names.")
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of settings (lower-case keys)")
     for name, (hint, default, help_text) in settings().items():
+        # A comment that explains its None default ("default: the checkpoint's folder") says it better.
+        if "(default" not in help_text:
+            help_text = f"{help_text} (default {default})"
         if hint is bool:
-            parser.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction,
-                                help=f"{help_text} (default {default})")
+            parser.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(flag(name), dest=name, metavar=name, help=f"{help_text} (default {default})")
+            parser.add_argument(flag(name), dest=name, metavar=name, help=help_text)
     return parser
 
 

@@ -48,7 +48,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
 from config import (INVOCATION_ONLY, Config, ConfigError, build_parser, defaults, effective_warmup_epochs,
-                    load_config, validate)
+                    load_config, unused_settings, validate)
 from data import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Baselines, DataError, build_datasets, build_loaders,
                   class_names, data_baselines, image_files, open_image, report_data, resolve_data_settings)
 from results import METRIC_COLUMNS, ResultsRecorder, overlay_mask, save_png, seg_palette, write_metrics_row
@@ -1480,6 +1480,8 @@ def _build_and_resume(cfg: Config, run_dir: Path, is_main: bool) -> Run:
         changed = {k: v for k, v in saved.items() if v != defaults().get(k)}
         log.info("settings that differ from config.py (all of them: %s): %s", run_dir / "config.yaml",
                  ", ".join(f"{k}={v}" for k, v in changed.items()) or "none")
+        for warning in unused_settings(cfg):
+            log.warning("%s", warning)
     run = build_run(cfg, run_dir)
     if checkpoint is not None:
         resume(run, load_checkpoint(checkpoint, cfg))
