@@ -1177,7 +1177,8 @@ def fit(run: Run) -> dict[str, Any]:
     cfg, state = run.cfg, run.state
     run.snapshot = take_snapshot(run)
     row: dict[str, Any] = {}
-    recorder = ResultsRecorder(cfg, run.run_dir, unwrap(run.model), run.val_loader.dataset, run.device,
+    # The whole val split (the loader holds this rank's shard): the grid shows its first images on any world size.
+    recorder = ResultsRecorder(cfg, run.run_dir, unwrap(run.model), run.val_loader.dataset.dataset, run.device,
                                active=run.is_main)
     for epoch in range(state.epoch, cfg.epochs):
         state.epoch = epoch
@@ -1532,12 +1533,15 @@ def conclude(run: Run) -> int:
     if not verdicts:
         log.warning("done: no epoch row to judge (the checkpoint predates the verdict): %s", summary)
         return end_run(run, outcome, "no epoch to judge", 0)
+    # Every rank reaches the same verdict from the same all-reduced rows; ranks > 0 print errors, so only
+    # rank 0 says it (their copies interleaved with rank 0's lines).
+    say_error = log.error if run.is_main else log.info
     for verdict in verdicts.values():
-        (log.error if verdict in failed else log.info)("verdict: %s", verdict.line())
+        (say_error if verdict in failed else log.info)("verdict: %s", verdict.line())
     if failed:
         reason = "; ".join(f"{v.head} head {v.verdict} ({v.metric} {v.best:.4f}, baseline {v.baseline:.4f})"
                            for v in failed)
-        log.error("%s: %s; likely cause: %s. Diagnose: python diagnose_training.py --run %s", "did not learn" if any(
+        say_error("%s: %s; likely cause: %s. Diagnose: python diagnose_training.py --run %s", "did not learn" if any(
             v.verdict == "did not learn" for v in failed) else "memorising", reason, failed[0].cause, run.run_dir)
         return end_run(run, outcome, reason, 1 if cfg.require_learning else 0, verdicts)
     log.info("done: learned; %s", summary)
@@ -1560,8 +1564,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as err:
         (log.error if handlers else lambda m, e: print(m % e, file=sys.stderr))("error: %s", err)
         return 2
-    except TrainingFailed as err:
-        log.error("training failed: %s", err)
+    except TrainingFailed as err:  # every rank fails at the same step with the same message: rank 0 says it
+        (log.error if run.is_main else log.info)("training failed: %s", err)
         return end_run(run, "failed", str(err), 1)
     except StopRequested as err:
         for sig in previous_handlers:  # last.pt is written: a further Ctrl-C must not cut the exit record short
