@@ -1034,8 +1034,11 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     pending: list[torch.Tensor] = []
     batches: list[dict[str, Any]] = []  # kept until the flush, to save the ones whose step was skipped
     started = time.perf_counter()
+    # A bar for a person at a terminal; a log file or a CI log gets a plain line every tenth of the epoch.
+    interactive = run.is_main and sys.stderr.isatty()
     bar = tqdm(total=run.steps_per_epoch, initial=state.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-               leave=False, disable=None if run.is_main else True, file=sys.stderr)
+               leave=False, disable=not interactive, file=sys.stderr)
+    tenths_shown = state.batch * 10 // run.steps_per_epoch
     for batch in run.train_loader:
         images, masks, labels = to_device(batch, run)
         pending.append(train_step(run, images, masks, labels))
@@ -1046,9 +1049,16 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
         stop_now = run.stop_signal is not None and run.world_size == 1
         if len(pending) >= cfg.log_interval or done or stop_now:
             record = flush_interval(run, epoch, pending, batches, started)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                            gnorm=f"{record['grad_norm']:.2f}", skipped=record["skipped_epoch"])
+            # The flush record's numbers: no host sync beyond the flush's own.
+            bar.set_postfix(step=record["step"], loss=f"{record['loss']:.3f}",
+                            img_s=f"{record['images_per_s']:.0f}", skipped=record["skipped_epoch"])
             bar.update(len(pending))
+            tenths = state.batch * 10 // run.steps_per_epoch
+            if run.is_main and not interactive and tenths > tenths_shown and state.batch < run.steps_per_epoch:
+                tenths_shown = tenths
+                log.info("epoch %d/%d  step %d/%d of the epoch (%d%%)  loss %.4f  %.0f img/s  skipped %d", epoch + 1,
+                         cfg.epochs, state.batch, run.steps_per_epoch, 100 * state.batch // run.steps_per_epoch,
+                         record["loss"], record["images_per_s"], record["skipped_epoch"])
             pending, batches, started = [], [], time.perf_counter()
             if record["stop"]:
                 bar.close()

@@ -139,6 +139,16 @@ def test_a_rollback_follows_exactly_max_consecutive_skips_skipped_steps(make_run
     assert [e["reason"] for e in events if e["event"] == "rollback"] == rollbacks
 
 
+def test_without_a_terminal_progress_is_a_plain_line_every_tenth_of_the_epoch(make_run, caplog, capsys):
+    run = make_run("--synthetic-train-size", "80", "--log-interval", "1", "--epochs", "1")  # 20 steps, 20 flushes
+    with caplog.at_level("INFO", logger="adaptivestream"):
+        T.train_one_epoch(run, 0)
+    lines = [r.getMessage() for r in caplog.records if "of the epoch" in r.getMessage()]
+    assert [line.split("  ")[1] for line in lines] == [f"step {s}/20 of the epoch ({5 * s}%)" for s in range(2, 20, 2)]
+    assert all(" img/s  skipped 0" in line for line in lines)
+    assert "it/s" not in capsys.readouterr().err  # no progress bar in a captured stderr
+
+
 def test_too_many_skipped_steps_stop_the_run(make_run, monkeypatch):
     run = make_run("--max-skip-fraction", "0.25", "--epochs", "1", "--warmup-epochs", "0")
     original = T.train_step
