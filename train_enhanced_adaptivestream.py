@@ -1050,9 +1050,9 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
         if len(pending) >= cfg.log_interval or done or stop_now:
             record = flush_interval(run, epoch, pending, batches, started)
             # The flush record's numbers: no host sync beyond the flush's own.
-            bar.set_postfix(step=record["step"], loss=f"{record['loss']:.3f}",
-                            img_s=f"{record['images_per_s']:.0f}", skipped=record["skipped_epoch"])
             bar.update(len(pending))
+            bar.set_postfix({"step": record["step"], "loss": f"{record['loss']:.3f}",
+                             "img/s": f"{record['images_per_s']:.0f}", "skipped": record["skipped_epoch"]})
             tenths = state.batch * 10 // run.steps_per_epoch
             if run.is_main and not interactive and tenths > tenths_shown and state.batch < run.steps_per_epoch:
                 tenths_shown = tenths
