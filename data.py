@@ -827,7 +827,7 @@ def report_data(cfg: Config, train_ds: Dataset, val_ds: Dataset, run_dir: Path, 
     b = baselines
     lines = [f"data: {getattr(train_ds, 'description', '') or cfg.dataset} | {len(train_ds)} train, "
              f"{len(val_ds)} val images",
-             f"  image labels (train): {_format_counts(stats.label_counts, names['cls'])}",
+             f"  image labels (train, {covers}): {_format_counts(stats.label_counts, names['cls'])}",
              f"  mask pixels (train, {covers}): {_format_counts(stats.pixel_counts, names['seg'])}; "
              f"{stats.ignored_pixels} ignored",
              f"  baselines (val, a model that learned nothing): cls acc {b.cls_baseline():.4f} (chance "

@@ -302,7 +302,7 @@ def test_main_trains_on_a_utkface_folder_skipping_and_recording_a_bad_file(utk, 
     split = [(run / "splits" / f"{s}.txt").read_text().split() for s in ("train", "val")]
     assert sorted(split[0] + split[1]) == sorted(p.name for p in (utk / "images").iterdir())
     good_train = len(split[0]) - (bad.name in split[0])
-    assert "image labels (train)" in log_text and f"mask pixels (train, all {good_train} images)" in log_text
+    assert f"image labels (train, all {good_train} images)" in log_text and f"mask pixels (train, all {good_train} images)" in log_text
     assert "seg_class_weights auto -> [" in log_text
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert len(rows) == 1 and rows[0]["skipped_steps"] == "0" and float(rows[0]["val_miou"]) >= 0
