@@ -344,6 +344,21 @@ def _validate_modes(cfg: Config) -> None:
                               f"drop --device {cfg.device}")
 
 
+# Data settings only some datasets read: set for another dataset they do nothing, which start-up says.
+DATASET_ONLY = {"data_root": ("folder", "oxford_pet"), "mask_suffix": ("folder",), "mask_scale": ("folder",),
+                "color_map": ("folder",), "label_regex": ("folder",), "val_fraction": ("folder",),
+                "pet_target": ("oxford_pet",), "download": ("oxford_pet",),
+                "synthetic_train_size": ("synthetic",), "synthetic_val_size": ("synthetic",)}
+
+
+def unused_settings(cfg: Config) -> list[str]:
+    """Warnings for the DATASET_ONLY settings changed from their default that cfg.dataset ignores."""
+    default = defaults()
+    return [f"{key} is set but dataset {cfg.dataset} does not use it (only {' and '.join(users)}): it has no effect"
+            for key, users in DATASET_ONLY.items()
+            if cfg.dataset not in users and getattr(cfg, key) != default[key]]
+
+
 def effective_warmup_epochs(cfg: Config) -> float:
     """WARMUP_EPOCHS, shortened to half the run when it would fill the whole run (--epochs 1 with defaults)."""
     return cfg.warmup_epochs if cfg.warmup_epochs < cfg.epochs else cfg.epochs / 2
@@ -359,23 +374,35 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                      description="Settings default to config.py; YAML keys are the lower-case names.")
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of settings (lower-case keys)")
     for name, (hint, default, help_text) in settings().items():
+        # A comment that explains its None default ("default: the checkpoint's folder") says it better.
+        if "(default" not in help_text:
+            help_text = f"{help_text} (default {default})"
         if hint is bool:
-            parser.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction,
-                                help=f"{help_text} (default {default})")
+            parser.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(flag(name), dest=name, metavar=name, help=f"{help_text} (default {default})")
+            parser.add_argument(flag(name), dest=name, metavar=name, help=help_text)
     return parser
 
 
-def load_config(argv: list[str] | None = None, prog: str | None = None) -> Config:
-    """Resolve defaults < --config YAML < command-line flags; raise ConfigError on a bad setting."""
+def parser_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """The long flags a script's own parser defines (for load_config's own_flags)."""
+    return [o for action in parser._actions for o in action.option_strings if o.startswith("--") and o != "--help"]
+
+
+def load_config(argv: list[str] | None = None, prog: str | None = None,
+                own_flags: list[str] | tuple[str, ...] = ()) -> Config:
+    """Resolve defaults < --config YAML < command-line flags; raise ConfigError on a bad setting.
+
+    own_flags: the calling script's own flags (diagnose, bench), parsed before this; a typo is matched
+    against them too, so `--stpes` suggests `--steps` rather than the nearest training flag.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     table = settings()
     parser = build_parser(prog)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         word = unknown[0].split("=")[0]
-        flags = [flag(n) for n in table] + ["--config"]
+        flags = [flag(n) for n in table] + ["--config", *own_flags]
         raise ConfigError(f"unknown flag {word}{_closest(word, flags)}; see --help for the list")
     values = {name: default for name, (_, default, _) in table.items()}
     config_path = getattr(args, "config", None)

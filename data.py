@@ -17,11 +17,13 @@ import math
 import os
 import random
 import re
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.error import URLError
 
 import numpy as np
 import torch
@@ -454,6 +456,37 @@ def build_folder_datasets(cfg: Config) -> tuple[FolderDataset, FolderDataset]:
     return datasets
 
 
+def pet_archives() -> list[str]:
+    """The archive names torchvision's OxfordIIITPet downloads (and finds, verified, in DATA_ROOT/oxford-iiit-pet)."""
+    return [url.rsplit("/", 1)[1] for url, _ in OxfordIIITPet._RESOURCES]
+
+
+def pet_by_hand(base: Path) -> str:
+    """How to install Oxford-IIIT Pet without this machine downloading it."""
+    first, second = pet_archives()
+    return (f"By hand: fetch {first} and {second} from https://www.robots.ox.ac.uk/~vgg/data/pets/, put both in "
+            f"{base}/ and run again with --download (it checks them and unpacks them there, no network needed), "
+            f"or unpack them yourself (tar -xzf {first} -C {base}) so that {base}/images/ and "
+            f"{base}/annotations/ exist.")
+
+
+def _paths_before(base: Path) -> tuple[Path | None, set[Path]]:
+    """(the highest missing folder on the way to base, what base holds): what a failed download must undo."""
+    missing = next((p for p in reversed([base, *base.parents]) if not p.exists()), None)
+    return missing, set(base.iterdir()) if base.is_dir() else set()
+
+
+def _remove_new(base: Path, before: tuple[Path | None, set[Path]]) -> str:
+    """Remove what a failed download made (folders it created, partial archives; never a file that was
+    there before) and say what, for the error message: "; removed ..." or ""."""
+    missing, existing = before
+    new = ([missing] if missing is not None and missing.exists() else
+           sorted(set(base.iterdir()) - existing) if base.is_dir() else [])
+    for path in new:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return f"; removed what the failed download made: {', '.join(map(str, new))}" if new else ""
+
+
 class OxfordPetDataset(FileDataset):
     """Oxford-IIIT Pet through torchvision.datasets.OxfordIIITPet; trimaps become background / pet / ignore."""
 
@@ -462,15 +495,28 @@ class OxfordPetDataset(FileDataset):
     def __init__(self, cfg: Config, split: str, transform: v2.Transform | None):
         root = Path(cfg.data_root)
         target = "category" if cfg.pet_target == "breed" else "binary-category"
+        base = root / "oxford-iiit-pet"
+        before = _paths_before(base)
         try:
             self.pet = OxfordIIITPet(root, split="trainval" if split == "train" else "test",
                                      target_types=[target, "segmentation"], download=cfg.download)
-        except RuntimeError as err:  # torchvision's "Dataset not found. You can use download=True ..."
-            raise DataError(f"{root / 'oxford-iiit-pet'}: {err}: it needs images/ and annotations/ (trimaps/, "
-                            f"trainval.txt, test.txt) from the Oxford-IIIT Pet archives, or pass --download") from None
-        except (OSError, ValueError) as err:  # missing or malformed annotation list, failed download
-            raise DataError(f"{root / 'oxford-iiit-pet'}: cannot read the dataset ({type(err).__name__}: {err})"
-                            ) from None
+        except (URLError, ConnectionError, TimeoutError) as err:  # DNS failure, no route, refused, timed out
+            raise DataError(f"{base}: --download could not reach the dataset's server: no network? "
+                            f"({type(err).__name__}: {getattr(err, 'reason', err)}){_remove_new(base, before)}. "
+                            f"{pet_by_hand(base)}") from None
+        except RuntimeError as err:  # torchvision: "Dataset not found" (no download) or a corrupt archive
+            if cfg.download:
+                raise DataError(f"{base}: the downloaded archives are incomplete or corrupt ({err})"
+                                f"{_remove_new(base, before)}. {pet_by_hand(base)}") from None
+            if all((base / name).is_file() for name in pet_archives()):
+                raise DataError(f"{base}: the archives {' and '.join(pet_archives())} are there but not unpacked: "
+                                f"run again with --download (it checks and unpacks them, no network needed)") from None
+            raise DataError(f"{base}: the Oxford-IIIT Pet dataset is not there (images/ and annotations/ are "
+                            f"missing). {pet_by_hand(base)} With network access, --download fetches them "
+                            f"instead.") from None
+        except (OSError, ValueError) as err:  # missing or malformed annotation list, disk full while unpacking
+            undone = _remove_new(base, before) if cfg.download else ""
+            raise DataError(f"{base}: cannot read the dataset ({type(err).__name__}: {err}){undone}") from None
         # torchvision keeps the file lists private; they are what error messages and sample ids must name.
         self.images, self.trimaps = self.pet._images, self.pet._segs
         labels = self.pet._labels if target == "category" else self.pet._bin_labels
@@ -781,7 +827,7 @@ def report_data(cfg: Config, train_ds: Dataset, val_ds: Dataset, run_dir: Path, 
     b = baselines
     lines = [f"data: {getattr(train_ds, 'description', '') or cfg.dataset} | {len(train_ds)} train, "
              f"{len(val_ds)} val images",
-             f"  image labels (train): {_format_counts(stats.label_counts, names['cls'])}",
+             f"  image labels (train, {covers}): {_format_counts(stats.label_counts, names['cls'])}",
              f"  mask pixels (train, {covers}): {_format_counts(stats.pixel_counts, names['seg'])}; "
              f"{stats.ignored_pixels} ignored",
              f"  baselines (val, a model that learned nothing): cls acc {b.cls_baseline():.4f} (chance "

@@ -3,7 +3,7 @@
     python diagnose_training.py --quick                                   # the default config, < 1 min on 2 CPU cores
     python diagnose_training.py --config my.yaml                          # same flags as training (+ overfit test)
     python diagnose_training.py --run runs/a --checkpoint runs/a/last.pt  # uses runs/a/config.yaml unless --config
-    python diagnose_training.py --batch runs/a/bad_batches/step_123.pt    # replay a batch the guard skipped
+    python diagnose_training.py --batch runs/a/bad_batches/step_123.pt    # replay a skipped batch (with runs/a/config.yaml)
     python diagnose_training.py --quick --json report.json                # the same results, machine-readable
 
 Every training flag works here (they go to config.load_config). Each check prints one line
@@ -40,7 +40,7 @@ import train_enhanced_adaptivestream as T
 from data import (DOMINANT_CLASS_FRACTION, Baselines, DataError, build_datasets, build_loaders, data_baselines,
                   invalid_mask_values, value_counts)
 from results import column, read_metrics
-from config import Config, ConfigError, load_config
+from config import Config, ConfigError, load_config, parser_flags
 
 # ---- Thresholds (every numeric rule of the report) ----
 LR_RANGE = {"adamw": (1e-5, 1e-2), "sgd": (1e-4, 1.0)}  # usual peak LRs per optimizer; outside -> WARN
@@ -912,19 +912,27 @@ SKIP_FIXES = {
 
 
 def skipped_per_epoch(events: list[dict[str, Any]]) -> dict[int, tuple[int, int, Counter]]:
-    """epoch (1-based) -> (skipped, steps, reasons) from steps.jsonl; steps from the step counter of log lines."""
+    """epoch (1-based) -> (skipped, steps, reasons) from steps.jsonl.
+
+    steps is the epoch's length, the training script's max_skip_fraction denominator: the end event's
+    steps_per_epoch, so that an epoch the run aborted in reads "10/16" as the abort message does. Runs
+    written before that field: the steps the log lines (and skips) account for in that epoch.
+    """
     ends: dict[int, int] = {}
     for event in events:
         if event.get("event") == "log":
             ends[event["epoch"]] = max(ends.get(event["epoch"], 0), event["step"])
+        elif event.get("event") == "skip":  # an abort can come before the interval's log line
+            ends[event["epoch"]] = max(ends.get(event["epoch"], 0), event["step"] + 1)
     reasons: dict[int, Counter] = {}
     for event in events:
         if event.get("event") == "skip":
             reasons.setdefault(event["epoch"], Counter())[event["reason"]] += 1
+    length = next((e.get("steps_per_epoch") for e in reversed(events) if e.get("event") == "end"), None)
     result, previous = {}, 0
     for epoch in sorted(ends):
         found = reasons.get(epoch, Counter())
-        result[epoch + 1] = (sum(found.values()), ends[epoch] - previous, found)
+        result[epoch + 1] = (sum(found.values()), length or ends[epoch] - previous, found)
         previous = ends[epoch]
     return result
 
@@ -1147,7 +1155,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "its config.yaml is the config unless --config is given")
     parser.add_argument("--checkpoint", metavar="FILE.pt", help="checkpoint to check (finite, fits the config); "
                         "its weights are used for the BatchNorm check")
-    parser.add_argument("--batch", metavar="FILE.pt", help="bad-batch file saved by the training loop: replay it")
+    parser.add_argument("--batch", metavar="FILE.pt", help="bad-batch file saved by the training loop: replay it; "
+                        "its run's config.yaml (above bad_batches/) is the config unless --config or --run is given")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--quick", action="store_true", help=f"check {QUICK_SCAN_SAMPLES} samples per split and "
                         "skip the overfit and input-dependence tests")
@@ -1158,15 +1167,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     """Own flags first; everything else goes to load_config, so every training flag works."""
-    options, rest = build_parser().parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    parser = build_parser()
+    options, rest = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
     options.run_config = None
-    if options.run and not any(a == "--config" or a.startswith("--config=") for a in rest):
-        run_config = Path(options.run) / "config.yaml"
+    # The run the files came from: --run, or the folder above a bad batch's bad_batches/ (its batch was
+    # made by that run's config: image size, classes, normalisation).
+    batch = Path(options.batch) if options.batch else None
+    run_dir = options.run or (batch.parent.parent if batch and batch.parent.name == "bad_batches" else None)
+    if run_dir and not any(a == "--config" or a.startswith("--config=") for a in rest):
+        run_config = Path(run_dir) / "config.yaml"
         if run_config.is_file():
             rest = ["--config", str(run_config), *rest]
             options.run_config = str(run_config)
     try:
-        cfg = load_config(rest, prog="diagnose_training.py")
+        cfg = load_config(rest, prog="diagnose_training.py", own_flags=parser_flags(parser))
     except ConfigError as err:
         if str(err).startswith("unknown flag"):
             raise ConfigError(f"{err} (this script's own flags: --run --checkpoint --batch --json --quick "

@@ -30,8 +30,9 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -50,7 +51,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
 from config import (INVOCATION_ONLY, Config, ConfigError, build_parser, defaults, effective_warmup_epochs,
-                    load_config, validate)
+                    load_config, unused_settings, validate)
 from data import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Baselines, DataError, build_datasets, build_loaders,
                   class_names, data_baselines, image_files, open_image, report_data, resolve_data_settings)
 from results import METRIC_COLUMNS, ResultsRecorder, overlay_mask, save_png, seg_palette, write_metrics_row
@@ -509,8 +510,9 @@ def save_bad_batch(path: Path, batch: dict[str, Any], *, step: int, epoch: int, 
                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "config": cfg.to_dict()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with signals_deferred():
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
 
 
 def load_bad_batch(path: str | Path) -> dict[str, Any]:
@@ -558,6 +560,17 @@ def take_snapshot(run: Run) -> dict[str, Any]:
     return _cpu_copy(training_state(run))
 
 
+def replay_hint(run: Run) -> str:
+    """Where the saved skipped batches are and how to replay one: the next step of both aborts."""
+    bad = run.run_dir / "bad_batches"
+    first = f"step_{min(int(p.stem[5:]) for p in bad.glob('step_*.pt'))}" if any(bad.glob("step_*.pt")) else None
+    if first is None:
+        return f"No skipped batch was saved (bad_batch_limit={run.cfg.bad_batch_limit}): run diagnose_training.py " \
+               f"--run {run.run_dir}"
+    return (f"The first {run.state.bad_batches_saved} skipped batches are in {bad}: replay one with `python "
+            f"diagnose_training.py --batch {bad}/{first}.pt`, or run `python diagnose_training.py --run {run.run_dir}`")
+
+
 def roll_back(run: Run, why: str) -> dict[str, Any]:
     """Restore the last snapshot and back the LR off; abort after MAX_ROLLBACKS. Returns the event record.
 
@@ -565,12 +578,9 @@ def roll_back(run: Run, why: str) -> dict[str, Any]:
     """
     cfg, state = run.cfg, run.state
     if state.rollbacks >= cfg.max_rollbacks:
-        bad = run.run_dir / "bad_batches"
         raise TrainingFailed(
             f"{why} at step {state.step}, after {state.rollbacks} rollbacks already (max_rollbacks="
-            f"{cfg.max_rollbacks}); skipped steps so far: {state.skipped}. The skipped batches are in {bad}: "
-            f"replay one with `python diagnose_training.py --batch {bad}/step_<N>.pt`, or run "
-            f"diagnose_training.py with this run's flags")
+            f"{cfg.max_rollbacks}); skipped steps so far: {state.skipped}. {replay_hint(run)}")
     restore_training_state(run, run.snapshot)
     state.rollbacks += 1
     state.lr_scale *= cfg.lr_backoff
@@ -742,6 +752,28 @@ def nonfinite_tensors(tree: Any, prefix: str = "") -> list[str]:
     return bad
 
 
+@contextmanager
+def signals_deferred(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
+    """Hold SIGINT/SIGTERM for the duration of a file write, then deliver them in order.
+
+    A second Ctrl-C raises KeyboardInterrupt at once; inside torch.save it would leave only the .tmp file
+    and chained tracebacks. The write takes well under a second, so waiting for it costs the user nothing.
+    Handlers can only change in the main thread; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)  # None: set outside Python
+        for signum in received:
+            signal.raise_signal(signum)
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any], write: bool = True) -> bool:
     """Write atomically: temp file, fsync, os.replace, fsync of the folder. A crash at any point leaves
     the previous file intact. Refuse (log, return False) if a tensor is non-finite or the write fails
@@ -754,16 +786,17 @@ def save_checkpoint(path: Path, payload: dict[str, Any], write: bool = True) -> 
         return False
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        with signals_deferred():
+            with open(tmp, "wb") as handle:
+                torch.save(payload, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         log.error("could not write %s (%s); the previous file is kept", path, err)
@@ -1048,8 +1081,16 @@ def flush_interval(run: Run, epoch: int, pending: list[torch.Tensor], batches: l
     if table[-2] > 0 and run.stop_signal is None:
         run.stop_signal = "SIGTERM"  # another rank was asked to stop: every rank stops at this same step
     first = state.step
-    events = [e for i, (row, batch) in enumerate(zip(rows, batches))
-              if (e := _account_step(run, epoch, first + i, row, batch, scale_now)) is not None]
+    events, run_of_skips = [], ""
+    for i, (row, batch) in enumerate(zip(rows, batches)):
+        if (event := _account_step(run, epoch, first + i, row, batch, scale_now)) is not None:
+            events.append(event)
+        # Counted per step, so the rollback follows exactly max_consecutive_skips skips in a row, also when
+        # they straddle two intervals or an accepted step follows them in the same interval. It is carried
+        # out at this flush (the snapshot is on the host); later steps of the interval ran on the weights it
+        # discards, so they do not count towards the next one (roll_back resets the counter).
+        if not run_of_skips and state.consecutive_skips >= cfg.max_consecutive_skips:
+            run_of_skips = f"{state.consecutive_skips} consecutive skipped steps (the last at step {first + i})"
     state.step += len(rows)
     state.batch += len(rows)
     # The schedule counts applied updates: take back the steps skipped in this interval.
@@ -1057,10 +1098,12 @@ def flush_interval(run: Run, epoch: int, pending: list[torch.Tensor], batches: l
     if skipped:
         run.scheduler.last_epoch -= skipped
         run.scheduler.refresh()
-    if not params_finite or state.consecutive_skips >= cfg.max_consecutive_skips:
-        why = ("parameters became non-finite" if not params_finite
-               else f"{state.consecutive_skips} consecutive skipped steps")
-        events.append(roll_back(run, why))
+    abort = None
+    if not params_finite or run_of_skips:
+        try:
+            events.append(roll_back(run, "parameters became non-finite" if not params_finite else run_of_skips))
+        except TrainingFailed as err:
+            abort = err  # raised once this interval's skips and steps are in steps.jsonl (diagnose reads them)
     elif not skipped and state.accepted_since_snapshot >= cfg.snapshot_every:
         run.snapshot = take_snapshot(run)
         state.accepted_since_snapshot = 0
@@ -1073,11 +1116,13 @@ def flush_interval(run: Run, epoch: int, pending: list[torch.Tensor], batches: l
               "images_per_s": images * run.world_size / max(time.perf_counter() - started, 1e-9),
               "stop": run.stop_signal is not None}
     _append_jsonl(run, events + [record])
+    if abort is not None:
+        raise abort
     if state.epoch_sums.get("skipped", 0) > cfg.max_skip_fraction * run.steps_per_epoch:
         raise TrainingFailed(
             f"{int(state.epoch_sums['skipped'])} of {run.steps_per_epoch} steps in epoch {epoch + 1} were skipped "
             f"(more than max_skip_fraction={cfg.max_skip_fraction}); reasons so far: {state.skipped}. Training is "
-            f"not learning: see {run.run_dir / 'steps.jsonl'} and run diagnose_training.py with the same flags")
+            f"not learning: every skip is in {run.run_dir / 'steps.jsonl'}. {replay_hint(run)}")
     if cfg.checkpoint_every and state.step // cfg.checkpoint_every > first // cfg.checkpoint_every:
         save_checkpoint(run.run_dir / "last.pt", checkpoint_payload(run), run.is_main)
     return record
@@ -1093,8 +1138,11 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     pending: list[torch.Tensor] = []
     batches: list[dict[str, Any]] = []  # kept until the flush, to save the ones whose step was skipped
     started = time.perf_counter()
+    # A bar for a person at a terminal; a log file or a CI log gets a plain line every tenth of the epoch.
+    interactive = run.is_main and sys.stderr.isatty()
     bar = tqdm(total=run.steps_per_epoch, initial=state.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-               leave=False, disable=None if run.is_main else True, file=sys.stderr)
+               leave=False, disable=not interactive, file=sys.stderr)
+    tenths_shown = state.batch * 10 // run.steps_per_epoch
     for batch in run.train_loader:
         images, masks, labels = to_device(batch, run)
         pending.append(train_step(run, images, masks, labels))
@@ -1105,9 +1153,16 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
         stop_now = run.stop_signal is not None and run.world_size == 1
         if len(pending) >= cfg.log_interval or done or stop_now:
             record = flush_interval(run, epoch, pending, batches, started)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                            gnorm=f"{record['grad_norm']:.2f}", skipped=record["skipped_epoch"])
+            # The flush record's numbers: no host sync beyond the flush's own.
             bar.update(len(pending))
+            bar.set_postfix({"step": record["step"], "loss": f"{record['loss']:.3f}",
+                             "img/s": f"{record['images_per_s']:.0f}", "skipped": record["skipped_epoch"]})
+            tenths = state.batch * 10 // run.steps_per_epoch
+            if run.is_main and not interactive and tenths > tenths_shown and state.batch < run.steps_per_epoch:
+                tenths_shown = tenths
+                log.info("epoch %d/%d  step %d/%d of the epoch (%d%%)  loss %.4f  %.0f img/s  skipped %d", epoch + 1,
+                         cfg.epochs, state.batch, run.steps_per_epoch, 100 * state.batch // run.steps_per_epoch,
+                         record["loss"], record["images_per_s"], record["skipped_epoch"])
             pending, batches, started = [], [], time.perf_counter()
             if record["stop"]:
                 bar.close()
@@ -1236,7 +1291,8 @@ def fit(run: Run) -> dict[str, Any]:
     cfg, state = run.cfg, run.state
     run.snapshot = take_snapshot(run)
     row: dict[str, Any] = {}
-    recorder = ResultsRecorder(cfg, run.run_dir, unwrap(run.model), run.val_loader.dataset, run.device,
+    # The whole val split (the loader holds this rank's shard): the grid shows its first images on any world size.
+    recorder = ResultsRecorder(cfg, run.run_dir, unwrap(run.model), run.val_loader.dataset.dataset, run.device,
                                active=run.is_main)
     for epoch in range(state.epoch, cfg.epochs):
         state.epoch = epoch
@@ -1703,11 +1759,14 @@ def resume_path(cfg: Config, run_dir: Path) -> Path | None:
 
 
 def install_stop_handlers(run: Run) -> dict[int, Any]:
-    """SIGTERM/SIGINT: finish the current step, save last.pt, exit. A second SIGINT interrupts at once."""
+    """SIGTERM/SIGINT: finish the current step, save last.pt, exit. A second SIGINT interrupts at once
+    (main() exits 130), except during a checkpoint write, which finishes first (signals_deferred)."""
 
     def request_stop(signum: int, frame: Any) -> None:
-        if run.stop_signal and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if run.stop_signal:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return  # already stopping; the first signal decides the exit code
         run.stop_signal = signal.Signals(signum).name
         log.warning("%s received: finishing the current step, then saving last.pt", run.stop_signal)
 
@@ -1755,6 +1814,8 @@ def _build_and_resume(cfg: Config, run_dir: Path, is_main: bool) -> Run:
         changed = {k: v for k, v in saved.items() if v != defaults().get(k)}
         log.info("settings that differ from config.py (all of them: %s): %s", run_dir / "config.yaml",
                  ", ".join(f"{k}={v}" for k, v in changed.items()) or "none")
+        for warning in unused_settings(cfg):
+            log.warning("%s", warning)
     run = build_run(cfg, run_dir)
     if checkpoint is not None:
         resume(run, load_checkpoint(checkpoint, cfg))
@@ -1784,7 +1845,7 @@ def end_run(run: Run, outcome: str, reason: str, code: int,
               "learned": None if not verdicts else all(v.verdict in ("learned", "not trained")
                                                        for v in verdicts.values()),
               "verdict": {head: asdict(v) for head, v in (verdicts or {}).items()},
-              "epochs_done": len(state.history), "step": state.step,
+              "epochs_done": len(state.history), "step": state.step, "steps_per_epoch": run.steps_per_epoch,
               "final": state.history[-1] if state.history else {},
               "best": {"val_miou": state.best_miou, "epoch": state.best_epoch},
               "baselines": asdict(run.baselines) if run.baselines else {},
@@ -1807,12 +1868,15 @@ def conclude(run: Run) -> int:
     if not verdicts:
         log.warning("done: no epoch row to judge (the checkpoint predates the verdict): %s", summary)
         return end_run(run, outcome, "no epoch to judge", 0)
+    # Every rank reaches the same verdict from the same all-reduced rows; ranks > 0 print errors, so only
+    # rank 0 says it (their copies interleaved with rank 0's lines).
+    say_error = log.error if run.is_main else log.info
     for verdict in verdicts.values():
-        (log.error if verdict in failed else log.info)("verdict: %s", verdict.line())
+        (say_error if verdict in failed else log.info)("verdict: %s", verdict.line())
     if failed:
         reason = "; ".join(f"{v.head} head {v.verdict} ({v.metric} {v.best:.4f}, baseline {v.baseline:.4f})"
                            for v in failed)
-        log.error("%s: %s; likely cause: %s. Diagnose: python diagnose_training.py --run %s", "did not learn" if any(
+        say_error("%s: %s; likely cause: %s. Diagnose: python diagnose_training.py --run %s", "did not learn" if any(
             v.verdict == "did not learn" for v in failed) else "memorising", reason, failed[0].cause, run.run_dir)
         return end_run(run, outcome, reason, 1 if cfg.require_learning else 0, verdicts)
     log.info("done: learned; %s", summary)
@@ -1822,6 +1886,7 @@ def conclude(run: Run) -> int:
 def main(argv: list[str] | None = None) -> int:
     handlers: list[logging.Handler] = []
     previous_handlers: dict[int, Any] = {}
+    run: Run | None = None
     try:
         cfg = load_config(argv, prog="train_enhanced_adaptivestream.py")
         if cfg.eval_only or cfg.predict or cfg.export:  # no run folder, no training
@@ -1835,13 +1900,27 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as err:
         (log.error if handlers else lambda m, e: print(m % e, file=sys.stderr))("error: %s", err)
         return 2
-    except TrainingFailed as err:
-        log.error("training failed: %s", err)
+    except TrainingFailed as err:  # every rank fails at the same step with the same message: rank 0 says it
+        (log.error if run.is_main else log.info)("training failed: %s", err)
         return end_run(run, "failed", str(err), 1)
     except StopRequested as err:
+        for sig in previous_handlers:  # last.pt is written: a further Ctrl-C must not cut the exit record short
+            signal.signal(sig, signal.SIG_IGN)
         log.warning("stopped by %s at epoch %d, step %d; last.pt is saved. Resume with the same command plus "
                     "--resume %s", err, run.state.epoch + 1, run.state.step, run.run_dir / "last.pt")
         return end_run(run, "stopped", f"{err} at step {run.state.step}", 0 if str(err) == "SIGTERM" else 130)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: an expected way out, no traceback
+        for sig in previous_handlers:
+            signal.signal(sig, signal.SIG_IGN)
+        if run is None:
+            (log.warning if handlers else lambda m: print(m, file=sys.stderr))("interrupted (Ctrl-C) before training "
+                                                                              "started")
+            return 130
+        last = run.run_dir / "last.pt"
+        log.warning("interrupted by a second Ctrl-C at epoch %d, step %d; %s", run.state.epoch + 1, run.state.step,
+                    f"{last} holds the last completed save (a checkpoint write is never cut short). Resume with "
+                    f"the same command plus --resume {last}" if last.is_file() else "no checkpoint was saved yet")
+        return end_run(run, "stopped", f"second SIGINT at step {run.state.step}", 130)
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)

@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_enhanced_adaptivestream as T  # noqa: E402
 from data import DataError, SyntheticShapes, build_datasets, build_loaders  # noqa: E402
-from config import Config, ConfigError, load_config  # noqa: E402
+from config import Config, ConfigError, load_config, parser_flags  # noqa: E402
 
 PEER_INSTALL = ("pip install --target /path/to/peer-pkgs --no-deps segmentation-models-pytorch timm "
                 "huggingface_hub safetensors httpx2 httpcore2 anyio h11 idna truststore click hf-xet, "
@@ -82,7 +82,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config]:
         raise ConfigError("--loader-batches: need at least 2 (the first batch only measures start-up)")
     if not 0.0 <= args.time_to_miou < 1.0:
         raise ConfigError(f"--time-to-miou: a val mIoU between 0 and 1, got {args.time_to_miou}")
-    cfg = load_config(rest, prog="bench_train.py")
+    cfg = load_config(rest, prog="bench_train.py", own_flags=parser_flags(parser))
     if args.peer:
         import_smp()  # fail now, not after minutes of measuring
     return args, cfg

@@ -44,3 +44,8 @@ def test_bench_train_refuses_to_time_skipped_steps(capsys):
     assert load_bench().main(argv) == 1
     err = capsys.readouterr().err
     assert "gradient explosion" in err and "would not be of real training steps" in err
+
+
+def test_a_typo_of_the_benchmarks_own_flag_suggests_that_flag(capsys):
+    assert load_bench().main(TINY + ["--stpes", "2"]) == 2
+    assert "unknown flag --stpes (did you mean '--steps'?)" in capsys.readouterr().err

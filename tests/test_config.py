@@ -30,6 +30,19 @@ def test_every_constant_has_a_flag_and_a_comment():
         assert flag in parser_flags
 
 
+def test_help_states_each_default_once():
+    actions = {a.dest: a.help for a in config.build_parser()._actions}
+    assert actions["OUT"].count("default") == 1 and actions["OUT_DIR"].count("default") == 1
+    assert actions["BASE_LR"].endswith("(default 0.001)")
+
+
+def test_a_folder_setting_given_with_the_synthetic_dataset_is_reported_as_having_no_effect():
+    cfg = load_config(["--color-map", '{"0,0,0": 0}', "--val-fraction", "0.2"])  # 0.2 is the default: not reported
+    assert config.unused_settings(cfg) == [
+        "color_map is set but dataset synthetic does not use it (only folder): it has no effect"]
+    assert config.unused_settings(load_config([])) == []
+
+
 def test_yaml_overrides_defaults_and_cli_overrides_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("base_lr: 0.01\nepochs: 7\nseg_class_names: [bg, face]\nnum_seg_classes: 2\n")

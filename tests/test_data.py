@@ -302,7 +302,7 @@ def test_main_trains_on_a_utkface_folder_skipping_and_recording_a_bad_file(utk, 
     split = [(run / "splits" / f"{s}.txt").read_text().split() for s in ("train", "val")]
     assert sorted(split[0] + split[1]) == sorted(p.name for p in (utk / "images").iterdir())
     good_train = len(split[0]) - (bad.name in split[0])
-    assert "image labels (train)" in log_text and f"mask pixels (train, all {good_train} images)" in log_text
+    assert f"image labels (train, all {good_train} images)" in log_text and f"mask pixels (train, all {good_train} images)" in log_text
     assert "seg_class_weights auto -> [" in log_text
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert len(rows) == 1 and rows[0]["skipped_steps"] == "0" and float(rows[0]["val_miou"]) >= 0
@@ -344,9 +344,35 @@ def test_oxford_pet_maps_trimaps_to_background_pet_ignore_and_reads_both_targets
         assert image.size == (WIDTH, HEIGHT) and train[i]["id"] == str(path)
 
 
-def test_oxford_pet_without_files_names_the_folder_and_does_not_download(tmp_path):
-    with pytest.raises(DataError, match=re.escape(str(tmp_path / "oxford-iiit-pet")) + ".*Dataset not found"):
+def test_oxford_pet_without_files_says_where_the_two_archives_go_and_does_not_download(tmp_path):
+    base = tmp_path / "oxford-iiit-pet"
+    with pytest.raises(DataError) as caught:
         build_datasets(load_config(TINY + PET + ["--data-root", str(tmp_path)]))
+    message = str(caught.value)
+    assert f"put both in {base}/" in message and "images.tar.gz and annotations.tar.gz" in message
+    assert "download=True" not in message  # torchvision's advice is for its Python API, not for this command
+    assert not base.exists()
+
+
+def test_oxford_pet_download_offline_says_no_network_and_removes_what_it_made(tmp_path, monkeypatch):
+    import torchvision.datasets.oxford_iiit_pet as pet_module
+    from urllib.error import URLError
+
+    def offline(url, download_root, **kwargs):  # as torchvision's download_url: folder first, then the request
+        Path(download_root).mkdir(parents=True, exist_ok=True)
+        (Path(download_root) / "images.tar.gz").write_bytes(b"partial")
+        raise URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(pet_module, "download_and_extract_archive", offline)
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "notes.txt").write_text("the user's")
+    with pytest.raises(DataError) as caught:
+        build_datasets(load_config(TINY + PET + ["--data-root", str(root), "--download"]))
+    message = str(caught.value)
+    assert "no network?" in message and "Name or service not known" in message
+    assert f"put both in {root / 'oxford-iiit-pet'}/" in message
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt"]  # the folder it made is gone, nothing else
 
 
 def test_oxford_pet_config_needs_its_class_counts():

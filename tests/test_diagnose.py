@@ -84,7 +84,8 @@ def test_cli_with_a_nan_checkpoint_exits_1_and_ranks_the_weights_first(healthy_r
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--bacth-size", "4"], "unknown flag --bacth-size"),
+    (["--bacth-size", "4"], "unknown flag --bacth-size (did you mean '--batch-size'?)"),
+    (["--quik"], "unknown flag --quik (did you mean '--quick'?)"),  # the script's own flags are suggested too
     (["--checkpoint", "missing.pt"], "--checkpoint: checkpoint missing.pt does not exist"),
     (["--run", "no_such_folder"], "--run: no_such_folder is not a folder"),
     (["--batch", "notes.txt"], "--batch: bad-batch file notes.txt cannot be read"),
@@ -286,7 +287,8 @@ def test_run_that_stopped_on_skipped_steps_fails_outcome_and_metrics(tmp_path):
     checks = D.check_run(D.read_run_folder(run), load_config(argv))
     outcome = by_name(checks, "run.outcome")
     assert outcome.status == "FAIL" and outcome.value.startswith("failed after 0 epoch(s), step 2: 2 of 4 steps in epoch 1 were skipped")
-    assert by_name(checks, "run.skipped").value == "epoch 1: 2/2 (100%); gradient explosion x2"
+    # The same count as the outcome: skipped steps of the epoch's length (4), not of the steps run before the abort
+    assert by_name(checks, "run.skipped").value == "epoch 1: 2/4 (50%); gradient explosion x2"
     assert by_name(checks, "run.metrics").status == "FAIL"
 
 
@@ -323,6 +325,17 @@ def test_bad_batch_replay_tells_data_weights_and_numerics_apart(tmp_path, case, 
     if case == "fp16":
         assert verdict.value.startswith("numerics: finite in float32, not in float16")
         assert by_name(checks, "bad_batch.nan.float32.forward").status == "PASS"
+
+
+@pytest.mark.parametrize("given", [[], ["--config", "other.yaml"]])
+def test_a_bad_batch_is_replayed_with_its_runs_config_unless_config_is_given(tmp_path, monkeypatch, given):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run" / "bad_batches").mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text("image_size: 48\n")
+    (tmp_path / "other.yaml").write_text("image_size: 40\n")
+    options, cfg = D.parse_args(["--batch", "run/bad_batches/step_7.pt", *given])
+    assert cfg.image_size == (40 if given else 48)
+    assert options.run_config == (None if given else "run/config.yaml")
 
 
 # ---- summary ----

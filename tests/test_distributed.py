@@ -28,7 +28,7 @@ def torchrun(tmp_path, inject="", extra=()):
            str(ROOT / "tests" / "_ddp_worker.py"), *ARGS, *extra, "--out-dir", str(tmp_path / "run")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    return [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1)], proc.stderr
 
 
 def assert_same_weights(rank0, rank1):
@@ -38,8 +38,11 @@ def assert_same_weights(rank0, rank1):
 
 
 def test_two_processes_agree_and_their_metrics_equal_a_one_process_evaluation(tmp_path):
-    rank0, rank1 = torchrun(tmp_path)
+    (rank0, rank1), console = torchrun(tmp_path)
     assert_same_weights(rank0, rank1)
+    # What the user reads counts the whole val split, once: rank 1 repeats no verdict line.
+    assert "| 16 train, 7 val images" in console and "16 train / 7 val images" in console
+    assert "[rank error]" not in console and console.count("verdict: seg") == 1
     run_dir = tmp_path / "run"
     row = list(csv.DictReader(open(run_dir / "metrics.csv")))[-1]
     cfg = load_config(ARGS + ["--out-dir", str(run_dir)])
@@ -57,7 +60,7 @@ def test_two_processes_agree_and_their_metrics_equal_a_one_process_evaluation(tm
 
 
 def test_a_fault_on_rank_1_only_is_skipped_on_both_ranks_without_a_hang(tmp_path):
-    rank0, rank1 = torchrun(tmp_path, inject="inf:1,verdict:3", extra=["--max-skip-fraction", "1"])
+    (rank0, rank1), _ = torchrun(tmp_path, inject="inf:1,verdict:3", extra=["--max-skip-fraction", "1"])
     expected = {"non-finite gradient": 1, "gradient explosion": 1}
     assert rank0["skipped"] == expected and rank1["skipped"] == expected
     assert_same_weights(rank0, rank1)

@@ -113,6 +113,42 @@ def test_skips_are_counted_logged_with_step_and_written_to_steps_jsonl(make_run,
     assert [e["step"] for e in events if e["event"] == "skip"] == [1]
 
 
+@pytest.mark.parametrize("poisoned, rollbacks", [
+    ({0, 1, 2}, ["3 consecutive skipped steps (the last at step 2)"]),  # an accepted step follows in the interval
+    ({2, 3, 4}, ["3 consecutive skipped steps (the last at step 4)"]),  # across two log intervals
+    ({0, 1, 3, 4}, []),  # never 3 in a row
+    # Step 3 ran on the weights the first rollback discards: steps 4, 5, 6 are the next three.
+    (set(range(7)), ["3 consecutive skipped steps (the last at step 2)",
+                     "3 consecutive skipped steps (the last at step 6)"]),
+])
+def test_a_rollback_follows_exactly_max_consecutive_skips_skipped_steps(make_run, monkeypatch, poisoned, rollbacks):
+    run = make_run("--max-consecutive-skips", "3", "--log-interval", "4", "--synthetic-train-size", "32",
+                   "--max-skip-fraction", "1", "--max-rollbacks", "5", "--epochs", "1", "--warmup-epochs", "0")
+    run.snapshot = T.take_snapshot(run)
+    original, calls = T.train_step, []
+
+    def poison(run_, images, masks, labels):
+        calls.append(1)
+        if len(calls) - 1 in poisoned:  # the step about to run
+            images = images.clone().fill_(float("nan"))
+        return original(run_, images, masks, labels)
+
+    monkeypatch.setattr(T, "train_step", poison)
+    T.train_one_epoch(run, 0)
+    events = [json.loads(line) for line in (run.run_dir / "steps.jsonl").read_text().splitlines()]
+    assert [e["reason"] for e in events if e["event"] == "rollback"] == rollbacks
+
+
+def test_without_a_terminal_progress_is_a_plain_line_every_tenth_of_the_epoch(make_run, caplog, capsys):
+    run = make_run("--synthetic-train-size", "80", "--log-interval", "1", "--epochs", "1")  # 20 steps, 20 flushes
+    with caplog.at_level("INFO", logger="adaptivestream"):
+        T.train_one_epoch(run, 0)
+    lines = [r.getMessage() for r in caplog.records if "of the epoch" in r.getMessage()]
+    assert [line.split("  ")[1] for line in lines] == [f"step {s}/20 of the epoch ({5 * s}%)" for s in range(2, 20, 2)]
+    assert all(" img/s  skipped 0" in line for line in lines)
+    assert "it/s" not in capsys.readouterr().err  # no progress bar in a captured stderr
+
+
 def test_too_many_skipped_steps_stop_the_run(make_run, monkeypatch):
     run = make_run("--max-skip-fraction", "0.25", "--epochs", "1", "--warmup-epochs", "0")
     original = T.train_step

@@ -120,6 +120,8 @@ def test_consecutive_skips_roll_back_then_abort_with_a_pointer_to_the_bad_batche
     err = capsys.readouterr().err
     assert "after 2 rollbacks already" in err and "diagnose_training.py --batch" in err
     assert len(list((run_dir / "bad_batches").glob("step_*.pt"))) == 3
+    # The aborting interval's skip is on record too (it used to be lost with the abort).
+    assert len(events(run_dir, "skip")) == sum(events(run_dir, "end")[-1]["skipped"].values()) == 3
 
 
 def test_a_non_finite_checkpoint_is_never_written_and_the_previous_one_is_kept(make_run, tmp_path, caplog):
@@ -217,6 +219,36 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_
     assert T.load_checkpoint(run_dir / "last.pt")["state"]["epoch"] == 1
     assert T.main(tiny_args + ["--resume", "auto"]) == 0
     assert T.load_checkpoint(run_dir / "last.pt")["state"]["epoch"] == 2
+
+
+def test_a_second_ctrl_c_during_the_checkpoint_write_lets_it_finish_and_exits_130(tmp_path, tiny_args):
+    # The first Ctrl-C arrives mid-epoch; the second inside torch.save of the stop's last.pt (a real kill -INT
+    # lands there only by luck). The write must finish: a complete last.pt of step 3, no .tmp, no traceback.
+    script = textwrap.dedent(f"""
+        import signal, sys, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        import train_enhanced_adaptivestream as T
+        torch.set_num_threads(1)
+        real_step, real_save, steps = T.train_step, torch.save, []
+        def step(*args):
+            steps.append(1)
+            if len(steps) == 3:
+                signal.raise_signal(signal.SIGINT)
+            return real_step(*args)
+        def save(obj, handle, *args, **kwargs):
+            if steps and str(getattr(handle, "name", "")).endswith("last.pt.tmp"):
+                signal.raise_signal(signal.SIGINT)
+            return real_save(obj, handle, *args, **kwargs)
+        T.train_step, torch.save = step, save
+        sys.exit(T.main({tiny_args + ["--checkpoint-every", "0"]!r}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr and "second Ctrl-C" in proc.stderr
+    run_dir = tmp_path / "run"
+    assert T.load_checkpoint(run_dir / "last.pt")["state"]["step"] == 3
+    assert not (run_dir / "last.pt.tmp").exists()
+    assert events(run_dir, "end")[-1]["outcome"] == "stopped"
 
 
 def test_bf16_autocast_trains_on_cpu(tiny_args):
