@@ -14,7 +14,7 @@ import torch
 
 import train_enhanced_adaptivestream as T
 from data import build_datasets
-from conftest import ROOT
+from conftest import ROOT, assert_same_training_state
 
 
 def events(run_dir, kind):
@@ -83,27 +83,78 @@ def test_inf_gradient_at_step_k_is_skipped_exactly_there(monkeypatch, tiny_args,
     assert (tmp_path / "run" / "bad_batches" / "step_2.pt").is_file()
 
 
-def test_rollback_restores_the_snapshot_bit_for_bit_and_backs_off_the_lr(make_run):
-    run = make_run("--warmup-epochs", "0", "--lr-decay", "constant")
+def test_rollback_restores_the_snapshot_bit_for_bit_each_time_and_backs_off_the_lr(make_run):
+    # 4 warm-up steps then cosine over 16: the LR moves every step, so restoring the wrong step shows.
+    run = make_run("--epochs", "4", "--warmup-epochs", "1", "--grad-spike-factor", "1000", "--spike-warmup", "1")
     images, masks, labels = T.to_device(next(iter(run.train_loader)), run)
     T.train_step(run, images, masks, labels)
     run.snapshot = T.take_snapshot(run)
-    before = {k: v.clone() for k, v in run.model.state_dict().items()}
-    moments = {k: v.clone() for k, v in run.optimizer.state_dict()["state"][0].items()}
-    for _ in range(3):
-        T.train_step(run, images, masks, labels)
-    assert not torch.equal(before["seg_head.weight"], run.model.seg_head.weight)
-    event = T.roll_back(run, "test")
-    for name, tensor in run.model.state_dict().items():
-        assert torch.equal(tensor, before[name]), name
-    for key, tensor in run.optimizer.state_dict()["state"][0].items():
-        assert torch.equal(tensor, moments[key]), key
-    assert event["rollbacks"] == 1 and run.state.lr_scale == 0.5
-    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * run.cfg.base_lr)
-    T.roll_back(run, "again")  # the snapshot survived the first restore intact
-    for name, tensor in run.model.state_dict().items():
-        assert torch.equal(tensor, before[name]), name
-    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.25 * run.cfg.base_lr)
+    saved = T._cpu_copy(T.training_state(run))  # the snapshot as it is now: step 1, lr = base x 2/4
+    base = run.cfg.base_lr
+    for rollback, scale in ((1, 0.5), (2, 0.25)):
+        for _ in range(3):  # training between rollbacks mutates the restored tensors in place
+            assert T.train_step(run, images, masks, labels)[4].item() == 0
+        assert not torch.equal(saved["model"]["seg_head.weight"], run.model.seg_head.weight)
+        event = T.roll_back(run, "test")
+        assert_same_training_state(saved, T.training_state(run), lr=False)
+        assert run.scheduler.last_epoch == 1
+        assert event["rollbacks"] == rollback and run.state.lr_scale == scale
+        assert run.optimizer.param_groups[0]["lr"] == pytest.approx(scale * base * 2 / 4, rel=1e-12)
+
+
+def take_one_step(run):
+    T.train_step(run, *T.to_device(next(iter(run.train_loader)), run))
+
+
+def test_a_non_finite_parameter_after_an_accepted_step_rolls_back_to_the_snapshot(make_run, monkeypatch):
+    run = make_run("--epochs", "1", "--log-interval", "1", "--warmup-epochs", "0")
+    take_one_step(run)  # the snapshot then holds optimizer moments, not an empty state
+    run.snapshot = T.take_snapshot(run)
+    saved = T._cpu_copy(T.training_state(run))
+    original, calls = T.train_step, []
+
+    def corrupt_after_last_step(run_, images, masks, labels):
+        out = original(run_, images, masks, labels)
+        calls.append(1)
+        if len(calls) == 4:  # an accepted step, then a weight goes NaN (as a bad fused kernel would leave it)
+            with torch.no_grad():
+                T.unwrap(run_.model).seg_head.weight.view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(T, "train_step", corrupt_after_last_step)
+    T.train_one_epoch(run, 0)
+    assert [(e["step"], e["reason"]) for e in events(run.run_dir, "rollback")] == [
+        (4, "parameters became non-finite")]
+    assert run.state.rollbacks == 1 and run.state.skipped == {}
+    assert_same_training_state(saved, T.training_state(run), lr=False)
+
+
+def test_the_snapshot_is_refreshed_every_snapshot_every_accepted_steps(make_run, monkeypatch):
+    run = make_run("--epochs", "1", "--log-interval", "1", "--snapshot-every", "3")
+    run.snapshot = T.take_snapshot(run)
+    original, states = T.train_step, []
+
+    def record_state(run_, images, masks, labels):
+        out = original(run_, images, masks, labels)
+        states.append(T._cpu_copy(T.training_state(run_)))
+        return out
+
+    monkeypatch.setattr(T, "train_step", record_state)
+    T.train_one_epoch(run, 0)  # 4 accepted steps
+    assert len(states) == 4 and run.state.accepted_since_snapshot == 1
+    assert_same_training_state(states[2], run.snapshot)  # refreshed after step 3, not again after step 4
+    T.roll_back(run, "test")
+    assert_same_training_state(states[2], T.training_state(run), lr=False)
+
+
+def test_bad_batch_limit_caps_the_saved_batches_but_every_skip_is_logged(monkeypatch, tiny_args, tmp_path):
+    poison_sample(monkeypatch, 5)  # in one batch per epoch: 2 skipped steps
+    assert T.main(tiny_args + ["--bad-batch-limit", "1"]) == 0
+    run_dir = tmp_path / "run"
+    skips = events(run_dir, "skip")
+    assert [s["reason"] for s in skips] == ["non-finite loss"] * 2
+    assert "file" in skips[0] and "file" not in skips[1]
+    assert [p.name for p in (run_dir / "bad_batches").iterdir()] == [f"step_{skips[0]['step']}.pt"]
 
 
 def test_consecutive_skips_roll_back_then_abort_with_a_pointer_to_the_bad_batches(monkeypatch, tiny_args, tmp_path,
