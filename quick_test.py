@@ -26,11 +26,12 @@ import train_enhanced_adaptivestream as T
 from data import build_datasets, build_loaders
 from config import load_config
 
-TINY = ["--image-size", "64", "--synthetic-train-size", "64", "--synthetic-val-size", "16", "--batch-size", "8",
-        "--epochs", "4", "--warmup-epochs", "1", "--width", "8", "--stream-channels", "32",
-        "--decoder-channels", "8", "--base-lr", "3e-3", "--log-interval", "4"]
-
-
+# 32x32 images, so 192 steps fit in the time: both heads must clear the script's verdict by a wide margin
+# (measured: val mIoU 0.57 against a majority-class baseline of 0.21, cls acc 0.77 against 0.33; 13 s of
+# CPU time on one thread). The former 64x64 / 64 images / 4 epochs reached mIoU 0.235, below the bar of 0.25.
+TINY = ["--image-size", "32", "--synthetic-train-size", "256", "--synthetic-val-size", "64", "--batch-size", "8",
+        "--epochs", "6", "--warmup-epochs", "1", "--width", "8", "--stream-channels", "32",
+        "--decoder-channels", "8", "--base-lr", "5e-3", "--log-interval", "8"]
 LOSS_DROP = 0.9  # each head's last-epoch train loss below this x its first-epoch one
 
 
