@@ -2,7 +2,9 @@
 final weights and skip counters, and optional fault injection on rank 1 only.
 
 DDP_TEST_DUMP: folder for rank<R>.pt; DDP_TEST_INJECT: comma-separated "inf:<call>" (an inf gradient
-on rank 1) or "verdict:<call>" (rank 1 alone judges the step bad), by 0-based train_step call.
+on rank 1: DDP's gradient all-reduce spreads it to rank 0 by itself), "loss:<call>" (a NaN loss on rank 1
+whose gradients stay finite: only the guard's verdict all-reduce can tell rank 0) or "verdict:<call>"
+(rank 1 alone judges the step bad), by 0-based train_step call.
 """
 
 import os
@@ -39,6 +41,18 @@ def step(run, images, masks, labels):
             return original_step(run, images, masks, labels)
         finally:
             handle.remove()
+    if kind == "loss":
+        honest_loss = run.loss_fn
+
+        def nan_loss(*args):
+            total, parts = honest_loss(*args)
+            return total + torch.tensor(float("nan"), device=total.device), parts  # a constant: no gradient
+
+        run.loss_fn = nan_loss
+        try:
+            return original_step(run, images, masks, labels)
+        finally:
+            run.loss_fn = honest_loss
     if kind == "verdict":
         honest = run.guard.reason
         run.guard.reason = lambda loss, norm: torch.full_like(honest(loss, norm), 3)

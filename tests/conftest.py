@@ -47,3 +47,29 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def assert_same_training_state(expected: dict, actual: dict, lr: bool = True) -> None:
+    """Two training states (T.training_state / a checkpoint payload) hold bit-identical weights and BN buffers,
+    optimizer moments and step counts, LR schedule position and guard statistics (NaN slots equal).
+    lr=False: the param groups' current LR may differ (a rollback backs it off; a resume with more epochs
+    stretches the schedule)."""
+    import torch
+
+    assert expected["model"].keys() == actual["model"].keys()
+    for name, tensor in expected["model"].items():
+        assert torch.equal(tensor.cpu(), actual["model"][name].cpu()), f"model.{name}"
+    opt_e, opt_a = expected["optimizer"], actual["optimizer"]
+    assert opt_e["state"].keys() == opt_a["state"].keys() and opt_e["state"], "optimizer state"
+    for index, entry in opt_e["state"].items():
+        for key, tensor in entry.items():
+            assert torch.equal(torch.as_tensor(tensor).cpu(), torch.as_tensor(opt_a["state"][index][key]).cpu()), \
+                f"optimizer.state.{index}.{key}"
+    if lr:
+        assert [g["lr"] for g in opt_e["param_groups"]] == [g["lr"] for g in opt_a["param_groups"]]
+    assert expected["scheduler"]["last_epoch"] == actual["scheduler"]["last_epoch"]
+    guard_e, guard_a = expected["guard"], actual["guard"]
+    assert torch.equal(guard_e["accepted"].cpu(), guard_a["accepted"].cpu()), "guard.accepted"
+    history_e, history_a = guard_e["history"].cpu(), guard_a["history"].cpu()
+    assert torch.equal(history_e.isnan(), history_a.isnan()), "guard.history (NaN slots)"
+    assert torch.equal(history_e.nan_to_num(), history_a.nan_to_num()), "guard.history"

@@ -347,3 +347,89 @@ def test_root_causes_rank_fail_before_warn_and_upstream_before_downstream():
     ranked = D.ranked_causes(checks)
     assert [(r["cause"], r["status"], r["fix"]) for r in ranked] == [
         ("data", "FAIL", "fix data"), ("run", "FAIL", "fix run"), ("lr", "WARN", "fix lr")]
+
+
+# ---- FAIL sides of checks that a healthy setup passes ----
+def test_targets_no_image_feature_predicts_fail_overfit():
+    cfg = load_config(TINY)
+    (images, masks, labels), _ = tiny_batch(cfg)
+    same = images[:1].expand(4, -1, -1, -1).contiguous()  # one image four times, four different targets
+    noise = torch.randint(0, cfg.num_seg_classes, (4, *masks.shape[1:]), generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(4) % cfg.num_cls_classes
+    model = T.build_model(cfg)
+    (check,), _ = D.check_overfit(model, same, noise, labels, T.build_loss(cfg), cfg, max_steps=20)
+    assert check.status == "FAIL" and check.cause == "learning"
+    assert len(check.details["losses"]) == 20
+
+
+class IgnoresInput(nn.Module):
+    """The real model fed zeros whatever it is given: its predictions cannot depend on the image."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(torch.zeros_like(x))
+
+
+def test_a_model_that_ignores_its_input_fails_input_dependence():
+    cfg = load_config(TINY)
+    (images, masks, labels), _ = tiny_batch(cfg)
+    (check,) = D.check_input_dependence(IgnoresInput(T.build_model(cfg)), images, masks, labels, T.build_loss(cfg))
+    assert check.status == "FAIL" and check.value.endswith("(x1)")
+
+
+@pytest.mark.parametrize("base_lr, min_lr, found", [("1", "1e-6", "too large"), ("1e-9", "1e-12", "too small")])
+def test_a_learning_rate_far_off_warns_update_ratio(base_lr, min_lr, found):
+    cfg = load_config(TINY + ["--base-lr", base_lr, "--min-lr", min_lr])
+    (images, masks, labels), _ = tiny_batch(cfg)
+    (check,) = D.check_update_ratio(T.build_model(cfg), images, masks, labels, T.build_loss(cfg), cfg)
+    assert check.status == "WARN" and check.cause == "lr" and f"; {found}: " in check.value
+
+
+def test_an_ordinary_gradient_above_skip_grad_norm_fails_grad_norm_and_names_the_setting():
+    cfg = load_config(TINY + ["--skip-grad-norm", "1e-6"])
+    (images, masks, labels), _ = tiny_batch(cfg)
+    checks = D.check_gradients(T.build_model(cfg), images, masks, labels, T.build_loss(cfg), cfg)
+    norm = by_name(checks, "grad.norm")
+    assert norm.status == "FAIL" and norm.cause == "config" and "raise --skip-grad-norm" in norm.fix
+
+
+def test_a_checkpoint_of_another_width_fails_checkpoint_compatible(tmp_path):
+    cfg = load_config(TINY)
+    payload = {"format": T.CHECKPOINT_FORMAT, "model": T.build_model(load_config(TINY + ["--width", "8"])).state_dict(),
+               "config": {}, "state": {}}
+    checks, usable = D.check_checkpoint(payload, tmp_path / "other.pt", cfg)
+    compatible = by_name(checks, "checkpoint.compatible")
+    assert compatible.status == "FAIL" and "size mismatch" in compatible.value and not usable
+    assert by_name(checks, "checkpoint.finite").status == "PASS"
+
+
+def metrics_row(epoch, train_loss):
+    return {"epoch": str(epoch), "lr": "1e-3", "train_loss": str(train_loss), "val_loss": "1.0", "val_miou": "0.3",
+            "val_cls_acc": "0.5"}
+
+
+def test_a_train_loss_that_rises_fails_run_loss_trend():
+    rising = D.check_run_metrics([metrics_row(1, 1.0), metrics_row(2, 1.2)], 1e-6)
+    trend = by_name(rising, "run.loss_trend")
+    assert trend.status == "FAIL" and trend.value == "train loss 1.0000 (epoch 1) -> 1.2000 (epoch 2)"
+    level = D.check_run_metrics([metrics_row(1, 1.0), metrics_row(2, 1.1)], 1e-6)  # exactly the allowed 10% rise
+    assert by_name(level, "run.loss_trend").status == "PASS"
+
+
+@pytest.mark.parametrize("extra, train_size, steps, name, status", [
+    (["--base-lr", "0.5"], 16, 4, "config.base_lr", "WARN"),
+    (["--min-lr", "1e-12"], 16, 4, "config.min_lr", "FAIL"),
+    (["--batch-size", "2"], 16, 8, "config.batch_size", "WARN"),
+    (["--epochs", "4", "--warmup-epochs", "2"], 16, 4, "config.warmup", "WARN"),  # 8 of 16 steps
+    ([], 3, 0, "config.dataset_size", "FAIL"),  # fewer images than one batch of 4 (and so no step to warm up in)
+    ([], 11, 2, "config.dataset_size", "WARN"),  # 3 of 11 images dropped per epoch
+])
+def test_settings_that_cannot_work_are_flagged_by_config_checks(extra, train_size, steps, name, status):
+    cfg = load_config(TINY + extra)
+    checks = D.check_config(cfg, train_size, steps)
+    assert by_name(checks, name).status == status
+    others = {"config.warmup"} if steps == 0 else set()
+    assert {c.name for c in checks if c.status != "PASS"} == {name} | others

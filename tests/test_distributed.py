@@ -15,7 +15,8 @@ import torch
 import train_enhanced_adaptivestream as T
 from data import build_datasets, build_loaders
 from config import load_config
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, assert_same_training_state
+from test_train_cli import capture_resumed_run, expected_first_batch
 
 ARGS = TINY + ["--synthetic-val-size", "7", "--log-interval", "1"]  # 7: the two val shards differ in size
 
@@ -37,8 +38,11 @@ def assert_same_weights(rank0, rank1):
         assert torch.equal(tensor, rank1["weights"][name]), name
 
 
-def test_two_processes_agree_and_their_metrics_equal_a_one_process_evaluation(tmp_path):
-    (rank0, rank1), console = torchrun(tmp_path)
+SPIKE_STATS = ["--grad-spike-factor", "1000", "--spike-warmup", "2"]  # the guard's statistics move (never fire)
+
+
+def test_two_processes_agree_and_their_metrics_equal_a_one_process_evaluation(tmp_path, monkeypatch):
+    (rank0, rank1), console = torchrun(tmp_path, extra=SPIKE_STATS)
     assert_same_weights(rank0, rank1)
     # What the user reads counts the whole val split, once: rank 1 repeats no verdict line.
     assert "| 16 train, 7 val images" in console and "16 train / 7 val images" in console
@@ -54,14 +58,21 @@ def test_two_processes_agree_and_their_metrics_equal_a_one_process_evaluation(tm
     assert int(single["seg_cm"].sum()) == 7 * 32 * 32  # every val pixel once, no padding duplicates
     for key in ("val_miou", "val_pixel_acc", "val_cls_acc", "val_loss"):
         assert float(row[key]) == pytest.approx(single[key], rel=1e-5), key
-    # the 2-process checkpoint resumes in a single process
-    assert T.main(ARGS + ["--out-dir", str(run_dir), "--resume", str(run_dir / "last.pt"), "--epochs", "3"]) == 0
+    # the 2-process checkpoint resumes in a single process: its whole training state, then epoch 3's first batch
+    saved = T.load_checkpoint(run_dir / "last.pt")
+    assert saved["guard"]["accepted"].item() == 4  # 2 steps per epoch on each rank
+    captured = capture_resumed_run(monkeypatch)
+    args = ARGS + SPIKE_STATS + ["--out-dir", str(run_dir), "--resume", str(run_dir / "last.pt"), "--epochs", "3"]
+    assert T.main(args) == 0
+    assert_same_training_state(saved, captured["state"], lr=False)
+    assert torch.equal(captured["images"], expected_first_batch(args, saved, epoch=2))
     assert T.load_checkpoint(run_dir / "last.pt")["state"]["epoch"] == 3
 
 
 def test_a_fault_on_rank_1_only_is_skipped_on_both_ranks_without_a_hang(tmp_path):
-    (rank0, rank1), _ = torchrun(tmp_path, inject="inf:1,verdict:3", extra=["--max-skip-fraction", "1"])
-    expected = {"non-finite gradient": 1, "gradient explosion": 1}
+    # the NaN loss and the verdict stay on rank 1 (DDP does not spread them): only the guard's all-reduce can
+    (rank0, rank1), _ = torchrun(tmp_path, inject="inf:0,loss:1,verdict:3", extra=["--max-skip-fraction", "1"])
+    expected = {"non-finite gradient": 1, "non-finite loss": 1, "gradient explosion": 1}
     assert rank0["skipped"] == expected and rank1["skipped"] == expected
     assert_same_weights(rank0, rank1)
 

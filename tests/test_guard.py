@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import train_enhanced_adaptivestream as T
+from conftest import assert_same_training_state
 
 
 def first_batch(run):
@@ -157,13 +158,52 @@ def test_too_many_skipped_steps_stop_the_run(make_run, monkeypatch):
         T.train_one_epoch(run, 0)
 
 
-def test_recalibrate_bn_replaces_poisoned_running_stats(make_run):
+def test_a_skipped_step_does_not_advance_the_lr_schedule(make_run, monkeypatch):
+    # 8 warm-up steps: the LR grows by base/8 per applied update, so one step too many shows
+    run = make_run("--max-skip-fraction", "1.0", "--epochs", "4", "--warmup-epochs", "2", "--log-interval", "4")
+    original, calls = T.train_step, []
+
+    def poison_second(run_, images, masks, labels):
+        calls.append(1)
+        return original(run_, images.clone().fill_(float("nan")) if len(calls) == 2 else images, masks, labels)
+
+    monkeypatch.setattr(T, "train_step", poison_second)
+    T.train_one_epoch(run, 0)
+    assert run.state.step == 4 and run.state.skipped == {"non-finite loss": 1}
+    assert run.scheduler.last_epoch == 3  # 3 applied updates
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(run.cfg.base_lr * 4 / 8, rel=1e-12)
+
+
+def test_resume_restores_the_guards_spike_statistics(make_run, tmp_path):
+    flags = ("--grad-spike-factor", "1000", "--spike-warmup", "2")
+    run = make_run(*flags)
+    images, masks, labels = first_batch(run)
+    for _ in range(3):
+        assert T.train_step(run, images, masks, labels)[4].item() == 0
+    path = tmp_path / "saved.pt"
+    assert T.save_checkpoint(path, T.checkpoint_payload(run))
+    fresh = make_run(*flags)
+    T.resume(fresh, T.load_checkpoint(path))
+    assert fresh.guard.accepted.item() == 3
+    assert torch.equal(fresh.guard.history[:, :3], run.guard.history[:, :3])
+    assert fresh.guard.history[:, 3:].isnan().all()
+    assert_same_training_state(T.training_state(run), T.training_state(fresh))
+
+
+def test_recalibrate_bn_sets_running_stats_to_the_plain_average_over_the_batches(make_run):
     run = make_run()
-    norm = run.model.encoder.stages[0][0][1]
-    norm.running_mean.fill_(1e6)
+    norm = run.model.encoder.stages[0][0][1]  # the first BN: its input is the first conv's output
+    norm.running_mean.fill_(1e6)  # poisoned
+    inputs = []
+    handle = run.model.encoder.stages[0][0][0].register_forward_hook(lambda m, i, out: inputs.append(out.detach()))
     T.recalibrate_bn(run.model, run.train_loader, 2, run.device)
-    assert norm.running_mean.abs().max() < 100 and norm.momentum == 0.1
-    assert norm.num_batches_tracked.item() == 2
+    handle.remove()
+    assert len(inputs) == 2 and norm.momentum == 0.1 and norm.num_batches_tracked.item() == 2
+    # momentum=None: each batch counts 1/2, not the 0.1/0.9 of an exponential average
+    mean = torch.stack([x.mean(dim=(0, 2, 3)) for x in inputs]).mean(0)
+    var = torch.stack([x.var(dim=(0, 2, 3), unbiased=True) for x in inputs]).mean(0)
+    torch.testing.assert_close(norm.running_mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norm.running_var, var, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])

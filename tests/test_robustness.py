@@ -14,7 +14,9 @@ import torch
 
 import train_enhanced_adaptivestream as T
 from data import build_datasets
-from conftest import ROOT
+from conftest import ROOT, assert_same_training_state
+
+TRAIN_STEP = T.train_step  # the real one, whatever a test patches
 
 
 def events(run_dir, kind):
@@ -83,27 +85,78 @@ def test_inf_gradient_at_step_k_is_skipped_exactly_there(monkeypatch, tiny_args,
     assert (tmp_path / "run" / "bad_batches" / "step_2.pt").is_file()
 
 
-def test_rollback_restores_the_snapshot_bit_for_bit_and_backs_off_the_lr(make_run):
-    run = make_run("--warmup-epochs", "0", "--lr-decay", "constant")
+def test_rollback_restores_the_snapshot_bit_for_bit_each_time_and_backs_off_the_lr(make_run):
+    # 4 warm-up steps then cosine over 16: the LR moves every step, so restoring the wrong step shows.
+    run = make_run("--epochs", "4", "--warmup-epochs", "1", "--grad-spike-factor", "1000", "--spike-warmup", "1")
     images, masks, labels = T.to_device(next(iter(run.train_loader)), run)
     T.train_step(run, images, masks, labels)
     run.snapshot = T.take_snapshot(run)
-    before = {k: v.clone() for k, v in run.model.state_dict().items()}
-    moments = {k: v.clone() for k, v in run.optimizer.state_dict()["state"][0].items()}
-    for _ in range(3):
-        T.train_step(run, images, masks, labels)
-    assert not torch.equal(before["seg_head.weight"], run.model.seg_head.weight)
-    event = T.roll_back(run, "test")
-    for name, tensor in run.model.state_dict().items():
-        assert torch.equal(tensor, before[name]), name
-    for key, tensor in run.optimizer.state_dict()["state"][0].items():
-        assert torch.equal(tensor, moments[key]), key
-    assert event["rollbacks"] == 1 and run.state.lr_scale == 0.5
-    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * run.cfg.base_lr)
-    T.roll_back(run, "again")  # the snapshot survived the first restore intact
-    for name, tensor in run.model.state_dict().items():
-        assert torch.equal(tensor, before[name]), name
-    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.25 * run.cfg.base_lr)
+    saved = T._cpu_copy(T.training_state(run))  # the snapshot as it is now: step 1, lr = base x 2/4
+    base = run.cfg.base_lr
+    for rollback, scale in ((1, 0.5), (2, 0.25)):
+        for _ in range(3):  # training between rollbacks mutates the restored tensors in place
+            assert T.train_step(run, images, masks, labels)[4].item() == 0
+        assert not torch.equal(saved["model"]["seg_head.weight"], run.model.seg_head.weight)
+        event = T.roll_back(run, "test")
+        assert_same_training_state(saved, T.training_state(run), lr=False)
+        assert run.scheduler.last_epoch == 1
+        assert event["rollbacks"] == rollback and run.state.lr_scale == scale
+        assert run.optimizer.param_groups[0]["lr"] == pytest.approx(scale * base * 2 / 4, rel=1e-12)
+
+
+def take_one_step(run):
+    T.train_step(run, *T.to_device(next(iter(run.train_loader)), run))
+
+
+def test_a_non_finite_parameter_after_an_accepted_step_rolls_back_to_the_snapshot(make_run, monkeypatch):
+    run = make_run("--epochs", "1", "--log-interval", "1", "--warmup-epochs", "0")
+    take_one_step(run)  # the snapshot then holds optimizer moments, not an empty state
+    run.snapshot = T.take_snapshot(run)
+    saved = T._cpu_copy(T.training_state(run))
+    original, calls = T.train_step, []
+
+    def corrupt_after_last_step(run_, images, masks, labels):
+        out = original(run_, images, masks, labels)
+        calls.append(1)
+        if len(calls) == 4:  # an accepted step, then a weight goes NaN (as a bad fused kernel would leave it)
+            with torch.no_grad():
+                T.unwrap(run_.model).seg_head.weight.view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(T, "train_step", corrupt_after_last_step)
+    T.train_one_epoch(run, 0)
+    assert [(e["step"], e["reason"]) for e in events(run.run_dir, "rollback")] == [
+        (4, "parameters became non-finite")]
+    assert run.state.rollbacks == 1 and run.state.skipped == {}
+    assert_same_training_state(saved, T.training_state(run), lr=False)
+
+
+def test_the_snapshot_is_refreshed_every_snapshot_every_accepted_steps(make_run, monkeypatch):
+    run = make_run("--epochs", "1", "--log-interval", "1", "--snapshot-every", "3")
+    run.snapshot = T.take_snapshot(run)
+    original, states = T.train_step, []
+
+    def record_state(run_, images, masks, labels):
+        out = original(run_, images, masks, labels)
+        states.append(T._cpu_copy(T.training_state(run_)))
+        return out
+
+    monkeypatch.setattr(T, "train_step", record_state)
+    T.train_one_epoch(run, 0)  # 4 accepted steps
+    assert len(states) == 4 and run.state.accepted_since_snapshot == 1
+    assert_same_training_state(states[2], run.snapshot)  # refreshed after step 3, not again after step 4
+    T.roll_back(run, "test")
+    assert_same_training_state(states[2], T.training_state(run), lr=False)
+
+
+def test_bad_batch_limit_caps_the_saved_batches_but_every_skip_is_logged(monkeypatch, tiny_args, tmp_path):
+    poison_sample(monkeypatch, 5)  # in one batch per epoch: 2 skipped steps
+    assert T.main(tiny_args + ["--bad-batch-limit", "1"]) == 0
+    run_dir = tmp_path / "run"
+    skips = events(run_dir, "skip")
+    assert [s["reason"] for s in skips] == ["non-finite loss"] * 2
+    assert "file" in skips[0] and "file" not in skips[1]
+    assert [p.name for p in (run_dir / "bad_batches").iterdir()] == [f"step_{skips[0]['step']}.pt"]
 
 
 def test_consecutive_skips_roll_back_then_abort_with_a_pointer_to_the_bad_batches(monkeypatch, tiny_args, tmp_path,
@@ -142,32 +195,60 @@ def snapshot_weights(path):
     return T.load_checkpoint(path)["model"]
 
 
-def test_sigterm_mid_epoch_then_resume_is_bit_identical_to_an_uninterrupted_run(monkeypatch, tmp_path):
-    from conftest import TINY
-    args = TINY + ["--epochs", "2", "--log-interval", "3"]
-    assert T.main(args + ["--out-dir", str(tmp_path / "straight")]) == 0
+def recording_steps(monkeypatch, seen, signal_at=None, signum=signal.SIGTERM):
+    """Patch train_step to record each step's batch (images, labels) into `seen`, and to send `signum` to
+    this process after step number `signal_at` (1-based). Each call replaces the previous patch."""
 
-    original, calls = T.train_step, []
-
-    def preempt(run, images, masks, labels):
-        calls.append(1)
-        out = original(run, images, masks, labels)
-        if len(calls) == 6:  # in the middle of epoch 2 (4 steps per epoch)
-            os.kill(os.getpid(), signal.SIGTERM)
+    def step(run, images, masks, labels):
+        seen.append((images.clone(), labels.clone()))
+        out = TRAIN_STEP(run, images, masks, labels)
+        if len(seen) == signal_at:
+            os.kill(os.getpid(), signum)
         return out
 
-    monkeypatch.setattr(T, "train_step", preempt)
+    monkeypatch.setattr(T, "train_step", step)
+
+
+def assert_same_batches(expected, actual):
+    assert len(expected) == len(actual)
+    for i, ((images_e, labels_e), (images_a, labels_a)) in enumerate(zip(expected, actual)):
+        assert torch.equal(images_e, images_a) and torch.equal(labels_e, labels_a), f"batch {i} after the resume"
+
+
+# The guard's spike statistics only move with a spike factor set; 1000 never fires on these runs.
+SPIKE_STATS = ["--grad-spike-factor", "1000", "--spike-warmup", "2"]
+
+
+def test_sigterm_mid_epoch_then_resume_is_bit_identical_to_an_uninterrupted_run(monkeypatch, tmp_path):
+    from conftest import TINY
+    args = TINY + ["--epochs", "2", "--log-interval", "3"] + SPIKE_STATS
+    straight_steps, preempted_steps, resumed_steps = [], [], []
+    recording_steps(monkeypatch, straight_steps)
+    assert T.main(args + ["--out-dir", str(tmp_path / "straight")]) == 0
+
+    recording_steps(monkeypatch, preempted_steps, signal_at=6)  # in the middle of epoch 2 (4 steps per epoch)
     resumed = tmp_path / "resumed"
     assert T.main(args + ["--out-dir", str(resumed)]) == 0
     state = T.load_checkpoint(resumed / "last.pt")["state"]
     assert (state["epoch"], state["batch"], state["step"]) == (1, 2, 6)
-    monkeypatch.setattr(T, "train_step", original)
+    recording_steps(monkeypatch, resumed_steps)
     assert T.main(args + ["--out-dir", str(resumed), "--resume", "auto"]) == 0
-    straight, again = snapshot_weights(tmp_path / "straight" / "last.pt"), snapshot_weights(resumed / "last.pt")
-    for name in straight:
-        assert torch.equal(straight[name], again[name]), name
+    assert_same_batches(straight_steps[6:], resumed_steps)  # the data position and the RNG came back
+    straight, again = T.load_checkpoint(tmp_path / "straight" / "last.pt"), T.load_checkpoint(resumed / "last.pt")
+    assert_same_training_state(straight, again)
+    assert straight["guard"]["accepted"].item() == 8
     assert metrics(resumed)[-1]["val_miou"] == metrics(tmp_path / "straight")[-1]["val_miou"]
     assert metrics(resumed)[-1]["train_loss"] == metrics(tmp_path / "straight")[-1]["train_loss"]
+
+
+def test_sigint_finishes_the_step_saves_last_pt_and_exits_130(monkeypatch, tiny_args, tmp_path):
+    recording_steps(monkeypatch, [], signal_at=3, signum=signal.SIGINT)
+    assert T.main(tiny_args) == 130
+    run_dir = tmp_path / "run"
+    (end,) = events(run_dir, "end")
+    assert (end["outcome"], end["exit_code"], end["reason"]) == ("stopped", 130, "SIGINT at step 3")
+    state = T.load_checkpoint(run_dir / "last.pt")["state"]
+    assert (state["epoch"], state["batch"], state["step"]) == (0, 3, 3)
 
 
 def test_disk_full_during_save_keeps_the_previous_checkpoint(monkeypatch, tiny_args, tmp_path):
@@ -187,9 +268,10 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(monkeypatch, tiny_a
     assert not (tmp_path / "run" / "last.pt.tmp").exists()
 
 
-def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, tiny_args):
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, tiny_args, monkeypatch):
     script = textwrap.dedent(f"""
         import sys, time, torch
+        torch.set_num_threads(1)  # as in this process (conftest), so the weights match bit for bit
         sys.path.insert(0, {str(ROOT)!r})
         import train_enhanced_adaptivestream as T
         real_save, writes = torch.save, []
@@ -217,8 +299,17 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_
     run_dir = tmp_path / "run"
     assert (run_dir / "last.pt.tmp").read_bytes() == b"partial"
     assert T.load_checkpoint(run_dir / "last.pt")["state"]["epoch"] == 1
+    resumed_steps, straight_steps = [], []
+    recording_steps(monkeypatch, resumed_steps)
     assert T.main(tiny_args + ["--resume", "auto"]) == 0
-    assert T.load_checkpoint(run_dir / "last.pt")["state"]["epoch"] == 2
+    resumed = T.load_checkpoint(run_dir / "last.pt")
+    assert resumed["state"]["epoch"] == 2
+    # the same run without the kill: the same epoch-2 batches and the same final training state
+    recording_steps(monkeypatch, straight_steps)
+    straight_args = [a if a != str(run_dir) else str(tmp_path / "straight") for a in tiny_args]
+    assert T.main(straight_args) == 0
+    assert_same_batches(straight_steps[4:], resumed_steps)
+    assert_same_training_state(T.load_checkpoint(tmp_path / "straight" / "last.pt"), resumed)
 
 
 def test_a_second_ctrl_c_during_the_checkpoint_write_lets_it_finish_and_exits_130(tmp_path, tiny_args):
@@ -253,6 +344,18 @@ def test_a_second_ctrl_c_during_the_checkpoint_write_lets_it_finish_and_exits_13
 
 def test_bf16_autocast_trains_on_cpu(tiny_args):
     assert T.main(tiny_args + ["--amp", "bf16", "--epochs", "1", "--warmup-epochs", "0"]) == 0
+
+
+def test_amp_bf16_runs_convolutions_in_bfloat16_in_training_and_evaluation_and_the_loss_in_float32(make_run):
+    run = make_run("--amp", "bf16")
+    dtypes = []
+    for module in (run.model.encoder.stages[0][0][0], run.model.seg_head, run.model.cls_head[-1]):
+        module.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    stats = T.train_step(run, *T.to_device(next(iter(run.train_loader)), run))
+    assert dtypes == [torch.bfloat16] * 3 and stats.dtype == torch.float32 and stats[4].item() == 0
+    dtypes.clear()
+    T.evaluate(run.model, run.val_loader, run.loss_fn, run.cfg, run.device, run.autocast)  # as _end_epoch calls it
+    assert dtypes == [torch.bfloat16] * 3 * len(run.val_loader)
 
 
 def test_mid_epoch_checkpoints_record_the_data_position(monkeypatch, tiny_args):

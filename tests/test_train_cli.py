@@ -1,6 +1,7 @@
 """End to end: the real main() on a tiny config, its outputs, resume, and checkpoint validation."""
 
 import csv
+import json
 import math
 import os
 
@@ -9,9 +10,9 @@ import torch
 import yaml
 
 import train_enhanced_adaptivestream as T
-from data import IMAGENET_MEAN
+from data import IMAGENET_MEAN, build_datasets, build_loaders
 import results
-from conftest import TINY
+from conftest import TINY, assert_same_training_state
 
 
 def test_main_trains_and_writes_the_run_folder(tiny_args, tmp_path):
@@ -31,13 +32,90 @@ def test_main_trains_and_writes_the_run_folder(tiny_args, tmp_path):
     assert "epoch 2/2" in (run / "train.log").read_text()
 
 
-def test_resume_continues_from_the_saved_epoch(tiny_args, tmp_path):
-    assert T.main(tiny_args) == 0
+def capture_resumed_run(monkeypatch):
+    """Patch fit and train_step: what fit starts from (the restored training state) and the first batch."""
+    captured = {}
+    original_fit, original_step = T.fit, T.train_step
+
+    def fit(run):
+        captured["state"] = T._cpu_copy(T.training_state(run))
+        return original_fit(run)
+
+    def step(run, images, masks, labels):
+        captured.setdefault("images", images.clone())
+        return original_step(run, images, masks, labels)
+
+    monkeypatch.setattr(T, "fit", fit)
+    monkeypatch.setattr(T, "train_step", step)
+    return captured
+
+
+def expected_first_batch(args, payload, epoch):
+    """The first training batch of `epoch` in one process, drawn with the checkpoint's RNG state."""
+    cfg = T.load_config(args)
+    train_ds, val_ds = build_datasets(cfg)
+    loader, _ = build_loaders(cfg, train_ds, val_ds, torch.device("cpu"))
+    loader.sampler.set_epoch(epoch)
+    rng = T.rng_state()
+    T.set_rng_state(payload["rng"])
+    try:
+        return next(iter(loader))["image"]
+    finally:
+        T.set_rng_state(rng)
+
+
+def test_resume_continues_from_the_saved_epoch(tiny_args, tmp_path, monkeypatch):
+    args = tiny_args + ["--grad-spike-factor", "1000", "--spike-warmup", "2"]
+    assert T.main(args) == 0
     run = tmp_path / "run"
-    assert T.main(tiny_args + ["--epochs", "3", "--resume", str(run / "last.pt")]) == 0
+    saved = T.load_checkpoint(run / "last.pt")
+    captured = capture_resumed_run(monkeypatch)
+    assert T.main(args + ["--epochs", "3", "--resume", str(run / "last.pt")]) == 0
+    # weights, optimizer, schedule position and guard as saved (the LR differs: the schedule now spans 3 epochs)
+    assert_same_training_state(saved, captured["state"], lr=False)
+    assert saved["guard"]["accepted"].item() == 8
+    assert torch.equal(captured["images"], expected_first_batch(args, saved, epoch=2))
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert T.load_checkpoint(run / "last.pt")["state"]["step"] == 12
+
+
+def scripted_val_miou(monkeypatch, values):
+    """evaluate() as it is, but reporting these val mIoUs, one per epoch."""
+    original, scripted = T.evaluate, iter(values)
+
+    def evaluate(*args, **kwargs):
+        result = original(*args, **kwargs)
+        result["val_miou"] = next(scripted)
+        return result
+
+    monkeypatch.setattr(T, "evaluate", evaluate)
+
+
+def end_event(run_dir):
+    lines = (run_dir / "steps.jsonl").read_text().splitlines()
+    (end,) = [e for e in map(json.loads, lines) if e["event"] == "end"]
+    return end
+
+
+def test_patience_epochs_without_a_better_val_miou_stop_the_run_early(tiny_args, tmp_path, monkeypatch):
+    scripted_val_miou(monkeypatch, [0.5, 0.6, 0.55, 0.58, 0.9])
+    assert T.main(tiny_args + ["--epochs", "5", "--patience", "2"]) == 0
+    run = tmp_path / "run"
+    assert [r["epoch"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["1", "2", "3", "4"]
+    end = end_event(run)
+    assert end["outcome"] == "early_stop" and end["epochs_done"] == 4
+    assert "early stop: no better val mIoU for 2 epochs (best 0.6000 at epoch 2)" in (run / "train.log").read_text()
+
+
+def test_best_pt_is_written_only_when_val_miou_improves(tiny_args, tmp_path, monkeypatch):
+    scripted_val_miou(monkeypatch, [0.5, 0.6, 0.55])
+    assert T.main(tiny_args + ["--epochs", "3"]) == 0
+    run = tmp_path / "run"
+    best, last = T.load_checkpoint(run / "best.pt"), T.load_checkpoint(run / "last.pt")
+    assert best["state"]["epoch"] == 2 and best["state"]["best_miou"] == 0.6
+    assert last["state"]["epoch"] == 3 and last["state"]["best_epoch"] == 2
+    assert not torch.equal(best["model"]["seg_head.weight"], last["model"]["seg_head.weight"])
 
 
 def test_bad_config_returns_2_and_names_the_key(tmp_path, capsys):
