@@ -56,12 +56,13 @@ def expected_first_batch(args, payload, epoch):
     train_ds, val_ds = build_datasets(cfg)
     loader, _ = build_loaders(cfg, train_ds, val_ds, torch.device("cpu"))
     loader.sampler.set_epoch(epoch)
-    rng = T.rng_state()
-    T.set_rng_state(payload["rng"])
+    cpu = torch.device("cpu")
+    rng = T.rng_state(cpu)
+    T.set_rng_state(payload["rng"], cpu)
     try:
         return next(iter(loader))["image"]
     finally:
-        T.set_rng_state(rng)
+        T.set_rng_state(rng, cpu)
 
 
 def test_resume_continues_from_the_saved_epoch(tiny_args, tmp_path, monkeypatch):
