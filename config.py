@@ -70,6 +70,7 @@ LR_DECAY: str = "cosine"  # cosine | exponential | constant, after warm-up
 LR_GAMMA: float = 0.95  # per-epoch factor of the exponential decay
 WEIGHT_DECAY: float = 1e-4  # decoupled weight decay (AdamW) or L2 (SGD)
 MOMENTUM: float = 0.9  # SGD momentum
+EMA_DECAY: float = 0.0  # exponential moving average of the weights (evaluated and saved for inference); 0 = off
 MAX_GRAD_NORM: float = 1.0  # clip the global gradient norm to this
 AMP: str = "off"  # off | bf16 | fp16 (fp16 uses a GradScaler; meant for CUDA, runs slowly on CPU)
 CHANNELS_LAST: bool = False  # channels-last memory format for model and inputs
@@ -123,10 +124,10 @@ _POSITIVE = {"IMAGE_SIZE", "MASK_SCALE", "VAL_FRACTION", "NUM_SEG_CLASSES", "NUM
              "WIDTH", "STREAM_CHANNELS", "DECODER_CHANNELS", "EPOCHS", "BATCH_SIZE", "BASE_LR", "MIN_LR",
              "MAX_CONSECUTIVE_SKIPS", "SNAPSHOT_EVERY", "LR_BACKOFF", "VIS_SAMPLES",
              "MAX_GRAD_NORM", "SKIP_GRAD_NORM", "LR_GAMMA", "LOGIT_BOUND", "SPIKE_WINDOW", "LOG_INTERVAL"}
-_NON_NEGATIVE = {"NUM_WORKERS", "SEG_WEIGHT", "CLS_WEIGHT", "WEIGHT_DECAY", "MOMENTUM", "WARMUP_EPOCHS",
+_NON_NEGATIVE = {"EMA_DECAY", "NUM_WORKERS", "SEG_WEIGHT", "CLS_WEIGHT", "WEIGHT_DECAY", "MOMENTUM", "WARMUP_EPOCHS",
                  "GRAD_SPIKE_FACTOR", "LOSS_SPIKE_FACTOR", "SPIKE_WARMUP", "PATIENCE", "SEED", "LABEL_SMOOTHING",
                  "BN_RECALIBRATE", "MAX_ROLLBACKS", "BAD_BATCH_LIMIT", "CHECKPOINT_EVERY", "VIS_EVERY"}
-_FRACTIONS = {"VAL_FRACTION", "MAX_SKIP_FRACTION", "LABEL_SMOOTHING", "LR_GAMMA", "LR_BACKOFF"}
+_FRACTIONS = {"EMA_DECAY", "VAL_FRACTION", "MAX_SKIP_FRACTION", "LABEL_SMOOTHING", "LR_GAMMA", "LR_BACKOFF"}
 
 
 # Settings that describe one command, not the run: never written to a run's config.yaml, so that
@@ -297,6 +298,9 @@ def validate(cfg: Config) -> None:
     for name in _FRACTIONS:
         if not values[name] <= 1:
             raise ConfigError(f"{name.lower()}: must be <= 1, got {values[name]}")
+    if cfg.ema_decay >= 1:
+        raise ConfigError(f"ema_decay: must be < 1 (1 would never move the average), got {cfg.ema_decay:g}; "
+                          f"0.999 is usual, 0 turns it off")
     if cfg.min_lr > cfg.base_lr:
         raise ConfigError(f"min_lr ({cfg.min_lr:g}) is above base_lr ({cfg.base_lr:g}): lower min_lr or raise base_lr")
     if cfg.num_seg_classes < 2:

@@ -80,7 +80,7 @@ def run_checks(device: str, out_dir: Path) -> list[tuple[str, bool, str]]:
     cfg = load_config(argv)
     payload = T.load_checkpoint(out_dir / "last.pt", cfg)
     model = T.build_model(cfg).to(T.resolve_device(device))
-    model.load_state_dict(payload["model"])
+    model.load_state_dict(T.inference_weights(payload))
     _, val_ds = build_datasets(cfg)
     _, val_loader = build_loaders(cfg, val_ds, val_ds, T.resolve_device(device))
     val = T.evaluate(model, val_loader, T.build_loss(cfg).to(T.resolve_device(device)), cfg, T.resolve_device(device))

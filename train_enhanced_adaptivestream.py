@@ -266,6 +266,44 @@ def build_model(cfg: Config) -> AdaptiveStream:
                           decoder_channels=cfg.decoder_channels)
 
 
+class WeightEMA:
+    """Exponential moving average of a model's weights, the model that is evaluated and saved for inference.
+
+    After each accepted step: ema += w * (param - ema), w = 1 - min(EMA_DECAY, (1 + n) / (10 + n)) for the
+    n-th accepted update (the warm-up of timm's ModelEmaV3, so a short run is not dominated by its random
+    init). BatchNorm buffers are the model's own, copied each step. On a skipped step w is 0, decided on
+    the device: swa_utils.AveragedModel reads its update count on the host (a sync per step on CUDA) and
+    has no way to skip an update.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.updates = torch.zeros((), device=next(model.parameters()).device)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, skip: torch.Tensor) -> None:
+        accepted = (~skip).float()
+        weight = (1 - torch.clamp((1 + self.updates) / (10 + self.updates), max=self.decay)) * accepted
+        ema = list(self.module.parameters())
+        torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], [weight] * len(ema))
+        for mine, theirs in zip(self.module.buffers(), model.buffers()):
+            mine.copy_(theirs)
+        self.updates += accepted
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.module.state_dict(), "updates": self.updates.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.updates.copy_(state["updates"])
+
+
+def inference_weights(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint's evaluations were made with: the EMA's when the run kept one."""
+    return payload["ema"]["model"] if payload.get("ema") else payload["model"]
+
+
 # ---- Loss ----
 class StableLoss(nn.Module):
     """SEG_WEIGHT x segmentation CE + CLS_WEIGHT x classification CE, in float32 even under autocast.
@@ -538,6 +576,7 @@ def training_state(run: Run) -> dict[str, Any]:
     return {"model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "guard": run.guard.state_dict() if run.guard else None,
             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+            "ema": run.ema.state_dict() if run.ema is not None else None,
             "rng": rng_state(run.device, run.world_size)}
 
 
@@ -552,6 +591,9 @@ def restore_training_state(run: Run, saved: dict[str, Any]) -> None:
         run.guard.load_state_dict(saved["guard"])
     if run.scaler is not None and saved.get("scaler"):
         run.scaler.load_state_dict(saved["scaler"])
+    if run.ema is not None:  # a checkpoint without one (EMA switched on at resume) starts it from the weights
+        run.ema.load_state_dict(saved["ema"] if saved.get("ema") else {"model": saved["model"],
+                                                                        "updates": torch.zeros(())})
     set_rng_state(saved["rng"], run.device, run.rank, run.cfg.seed)
 
 
@@ -780,7 +822,8 @@ def save_checkpoint(path: Path, payload: dict[str, Any], write: bool = True) -> 
     (disk full): the previous checkpoint is kept either way. write=False (ranks > 0) writes nothing."""
     if not write:
         return True
-    bad = nonfinite_tensors({"model": payload["model"], "optimizer": payload.get("optimizer", {})})
+    bad = nonfinite_tensors({"model": payload["model"], "optimizer": payload.get("optimizer", {}),
+                             "ema": payload.get("ema") or {}})
     if bad:
         log.error("not writing %s: non-finite tensors %s; the previous file is kept", path, ", ".join(bad[:5]))
         return False
@@ -825,7 +868,7 @@ def read_tagged(path: str | Path, tag: str, what: str, error: type[Exception]) -
 def load_checkpoint(path: str | Path, cfg: Config | None = None) -> dict[str, Any]:
     """Load and validate a checkpoint; raise CheckpointError naming the file and what is wrong."""
     payload = read_tagged(path, CHECKPOINT_FORMAT, "checkpoint", CheckpointError)
-    bad = nonfinite_tensors(payload["model"])
+    bad = nonfinite_tensors({"model": payload["model"], "ema": payload.get("ema") or {}})
     if bad:
         raise CheckpointError(f"checkpoint {path} has non-finite weights: {', '.join(bad[:5])}")
     if cfg is not None:
@@ -934,6 +977,11 @@ class Run:
     rank: int = 0
     world_size: int = 1  # processes under torchrun
     baselines: Baselines | None = None  # what a model that learned nothing scores on this data
+    ema: WeightEMA | None = None  # the averaged weights that are evaluated and saved (EMA_DECAY > 0)
+
+    def eval_model(self) -> nn.Module:
+        """The model evaluations, prediction grids and best.pt's inference weights come from."""
+        return self.ema.module if self.ema is not None else unwrap(self.model)
 
     @property
     def is_main(self) -> bool:
@@ -996,6 +1044,9 @@ def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor, labels: torc
         run.scaler.update()
     if guard is not None:
         guard.commit(skip, loss.detach(), grad_norm)
+    if run.ema is not None:
+        run.ema.update(unwrap(model), skip if guard is not None else torch.zeros((), dtype=torch.bool,
+                                                                                   device=loss.device))
     run.scheduler.step()
     correct = (cls_logits.detach().argmax(1) == labels).float().sum()
     return torch.stack([loss.detach().float(), parts["seg"], parts["cls"], grad_norm.float(),
@@ -1249,12 +1300,13 @@ def resume(run: Run, payload: dict[str, Any]) -> None:
 def _end_epoch(run: Run, epoch: int, train: dict[str, float], start: float) -> dict[str, Any]:
     """Evaluate, write the metrics row and checkpoints, update the early-stopping counters."""
     cfg, state = run.cfg, run.state
+    model = run.eval_model()
     if cfg.bn_recalibrate > 0:
-        recalibrate_bn(unwrap(run.model), run.train_loader, cfg.bn_recalibrate, run.device)
+        recalibrate_bn(model, run.train_loader, cfg.bn_recalibrate, run.device)
     if run.world_size > 1:  # evaluate (and save) rank 0's BN statistics everywhere, as DDP's forward would
-        for buffer in unwrap(run.model).buffers():
+        for buffer in model.buffers():
             torch.distributed.broadcast(buffer, 0)
-    val = evaluate(unwrap(run.model), run.val_loader, run.loss_fn, cfg, run.device, run.autocast)
+    val = evaluate(model, run.val_loader, run.loss_fn, cfg, run.device, run.autocast)
     state.epoch, state.batch = epoch + 1, 0
     row = {"epoch": epoch + 1, "lr": run.scheduler.get_last_lr()[0], **train, "rollbacks": state.rollbacks,
            **{k: v for k, v in val.items() if not k.endswith("_cm")}, "seconds": time.perf_counter() - start}
@@ -1292,7 +1344,7 @@ def fit(run: Run) -> dict[str, Any]:
     run.snapshot = take_snapshot(run)
     row: dict[str, Any] = {}
     # The whole val split (the loader holds this rank's shard): the grid shows its first images on any world size.
-    recorder = ResultsRecorder(cfg, run.run_dir, unwrap(run.model), run.val_loader.dataset.dataset, run.device,
+    recorder = ResultsRecorder(cfg, run.run_dir, run.eval_model(), run.val_loader.dataset.dataset, run.device,
                                active=run.is_main)
     for epoch in range(state.epoch, cfg.epochs):
         state.epoch = epoch
@@ -1370,7 +1422,7 @@ def evaluate_checkpoint(cfg: Config, argv: list[str] | None) -> int:
     out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent
     out.mkdir(parents=True, exist_ok=True)
     run = build_run(cfg, out)
-    unwrap(run.model).load_state_dict(payload["model"])  # checkpoints hold the model outside DDP
+    unwrap(run.model).load_state_dict(inference_weights(payload))  # checkpoints hold the model outside DDP
     # Each rank evaluates its shard; evaluate() all-reduces the sums, so every rank has the totals.
     val = evaluate(unwrap(run.model), run.val_loader, run.loss_fn, cfg, run.device, run.autocast)
     if not run.is_main:
@@ -1468,7 +1520,7 @@ def load_predictor(cfg: Config, argv: list[str] | None) -> tuple[Config, nn.Modu
         return cfg, model, {"mean": info["input"]["mean"], "std": info["input"]["std"]}, info["class_names"]
     cfg, payload = inference_config(cfg, argv)
     model = build_model(cfg).to(device)
-    model.load_state_dict(payload["model"])
+    model.load_state_dict(inference_weights(payload))
     model.eval()
     return cfg, model, payload["normalization"], payload["class_names"]
 
@@ -1616,7 +1668,7 @@ def export_model(cfg: Config, argv: list[str] | None) -> int:
         require_onnx()
     cfg, payload = inference_config(cfg, argv)
     model = build_model(cfg)
-    model.load_state_dict(payload["model"])
+    model.load_state_dict(inference_weights(payload))
     model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")  # an older PATH stays until the new file has passed
@@ -1744,7 +1796,7 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     return Run(cfg=cfg, model=model, loss_fn=build_loss(cfg).to(device), optimizer=optimizer, scheduler=scheduler,
                guard=guard, device=device, train_loader=train_loader, val_loader=val_loader, run_dir=run_dir,
                steps_per_epoch=steps_per_epoch, scaler=build_scaler(cfg, device), rank=rank, world_size=world_size,
-               baselines=baselines)
+               baselines=baselines, ema=WeightEMA(unwrap(model), cfg.ema_decay) if cfg.ema_decay > 0 else None)
 
 
 def resume_path(cfg: Config, run_dir: Path) -> Path | None:

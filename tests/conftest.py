@@ -73,3 +73,8 @@ def assert_same_training_state(expected: dict, actual: dict, lr: bool = True) ->
     history_e, history_a = guard_e["history"].cpu(), guard_a["history"].cpu()
     assert torch.equal(history_e.isnan(), history_a.isnan()), "guard.history (NaN slots)"
     assert torch.equal(history_e.nan_to_num(), history_a.nan_to_num()), "guard.history"
+    assert bool(expected.get("ema")) == bool(actual.get("ema")), "ema kept in one state only"
+    if expected.get("ema"):
+        assert torch.equal(expected["ema"]["updates"].cpu(), actual["ema"]["updates"].cpu()), "ema.updates"
+        for name, tensor in expected["ema"]["model"].items():
+            assert torch.equal(tensor.cpu(), actual["ema"]["model"][name].cpu()), f"ema.{name}"
