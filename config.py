@@ -75,7 +75,7 @@ LR_GAMMA: float = 0.95  # per-epoch factor of the exponential decay
 WEIGHT_DECAY: float = 1e-4  # decoupled weight decay (AdamW) or L2 (SGD)
 MOMENTUM: float = 0.9  # SGD momentum
 MAX_GRAD_NORM: float = 1.0  # clip the global gradient norm to this
-AMP: str = "off"  # off | bf16 | fp16 (fp16 needs CUDA; uses a GradScaler)
+AMP: str = "auto"  # auto | off | bf16 | fp16; auto: bf16 on CUDA GPUs and CPUs that compute it natively, else off (logged)
 CHANNELS_LAST: bool = False  # channels-last memory format for model and inputs
 
 # ---- Guard ----
@@ -119,7 +119,7 @@ _CHOICES = {
     "BACKBONE": ("adaptivestream", "resnet18", "resnet34", "resnet50", "mobilenet_v3_large"),
     "OPTIMIZER": ("adamw", "sgd"),
     "LR_DECAY": ("cosine", "exponential", "constant"),
-    "AMP": ("off", "bf16", "fp16"),
+    "AMP": ("auto", "off", "bf16", "fp16"),
 }
 _POSITIVE = {"IMAGE_SIZE", "MASK_SCALE", "CROP_SCALE", "VAL_FRACTION", "NUM_SEG_CLASSES", "NUM_CLS_CLASSES", "SYNTHETIC_TRAIN_SIZE", "SYNTHETIC_VAL_SIZE",
              "WIDTH", "STREAM_CHANNELS", "DECODER_CHANNELS", "EPOCHS", "BATCH_SIZE", "BASE_LR", "MIN_LR",
