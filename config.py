@@ -43,8 +43,8 @@ SYNTHETIC_TRAIN_SIZE: int = 768  # synthetic training images (generated once, de
 SYNTHETIC_VAL_SIZE: int = 192  # synthetic validation images
 NUM_WORKERS: int = 0  # DataLoader worker processes (0 = load in the training process)
 AUGMENT: bool = True  # random training augmentation below; --no-augment: resize + centre crop, as validation
-HFLIP: float = 0.5  # probability of a horizontal flip (image and mask); 0 when a mirror image changes the class
-CROP_SCALE: float = 0.35  # folder, oxford_pet: least area fraction of the random resized crop (1 = no crop: resize + centre crop)
+HFLIP: float = 0.0  # probability of a horizontal flip (image and mask); 0.5 only where a mirror image keeps its class (docs/data.md)
+CROP_SCALE: float = 0.8  # folder, oxford_pet: least area fraction of the random resized crop (1 = no crop: resize + centre crop)
 COLOR_JITTER: float = 0.2  # folder, oxford_pet: brightness/contrast/saturation jitter strength (0 = off; image only)
 
 # ---- Model ----
