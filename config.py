@@ -42,6 +42,10 @@ DOWNLOAD: bool = False  # oxford_pet: let torchvision download the dataset into 
 SYNTHETIC_TRAIN_SIZE: int = 768  # synthetic training images (generated once, deterministic from SEED)
 SYNTHETIC_VAL_SIZE: int = 192  # synthetic validation images
 NUM_WORKERS: int = 0  # DataLoader worker processes (0 = load in the training process)
+AUGMENT: bool = True  # random training augmentation below; --no-augment: resize + centre crop, as validation
+HFLIP: float = 0.0  # probability of a horizontal flip (image and mask); 0.5 only where a mirror image keeps its class (docs/data.md)
+CROP_SCALE: float = 0.8  # folder, oxford_pet: least area fraction of the random resized crop (1 = no crop: resize + centre crop)
+COLOR_JITTER: float = 0.2  # folder, oxford_pet: brightness/contrast/saturation jitter strength (0 = off; image only)
 
 # ---- Model ----
 BACKBONE: str = "adaptivestream"  # adaptivestream (built-in, fast) | resnet18 | resnet34 | resnet50 | mobilenet_v3_large
@@ -72,7 +76,7 @@ WEIGHT_DECAY: float = 1e-4  # decoupled weight decay (AdamW) or L2 (SGD)
 MOMENTUM: float = 0.9  # SGD momentum
 EMA_DECAY: float = 0.0  # exponential moving average of the weights (evaluated and saved for inference); 0 = off
 MAX_GRAD_NORM: float = 1.0  # clip the global gradient norm to this
-AMP: str = "off"  # off | bf16 | fp16 (fp16 uses a GradScaler; meant for CUDA, runs slowly on CPU)
+AMP: str = "auto"  # auto | off | bf16 | fp16; auto: bf16 on CUDA GPUs and CPUs that compute it natively, else off (logged)
 CHANNELS_LAST: bool = False  # channels-last memory format for model and inputs
 
 # ---- Guard ----
@@ -118,16 +122,17 @@ _CHOICES = {
     "BACKBONE": ("adaptivestream", "resnet18", "resnet34", "resnet50", "mobilenet_v3_large"),
     "OPTIMIZER": ("adamw", "sgd"),
     "LR_DECAY": ("cosine", "exponential", "constant"),
-    "AMP": ("off", "bf16", "fp16"),
+    "AMP": ("auto", "off", "bf16", "fp16"),
 }
-_POSITIVE = {"IMAGE_SIZE", "MASK_SCALE", "VAL_FRACTION", "NUM_SEG_CLASSES", "NUM_CLS_CLASSES", "SYNTHETIC_TRAIN_SIZE", "SYNTHETIC_VAL_SIZE",
+_POSITIVE = {"IMAGE_SIZE", "MASK_SCALE", "CROP_SCALE", "VAL_FRACTION", "NUM_SEG_CLASSES", "NUM_CLS_CLASSES", "SYNTHETIC_TRAIN_SIZE", "SYNTHETIC_VAL_SIZE",
              "WIDTH", "STREAM_CHANNELS", "DECODER_CHANNELS", "EPOCHS", "BATCH_SIZE", "BASE_LR", "MIN_LR",
              "MAX_CONSECUTIVE_SKIPS", "SNAPSHOT_EVERY", "LR_BACKOFF", "VIS_SAMPLES",
              "MAX_GRAD_NORM", "SKIP_GRAD_NORM", "LR_GAMMA", "LOGIT_BOUND", "SPIKE_WINDOW", "LOG_INTERVAL"}
 _NON_NEGATIVE = {"EMA_DECAY", "NUM_WORKERS", "SEG_WEIGHT", "CLS_WEIGHT", "WEIGHT_DECAY", "MOMENTUM", "WARMUP_EPOCHS",
-                 "GRAD_SPIKE_FACTOR", "LOSS_SPIKE_FACTOR", "SPIKE_WARMUP", "PATIENCE", "SEED", "LABEL_SMOOTHING",
-                 "BN_RECALIBRATE", "MAX_ROLLBACKS", "BAD_BATCH_LIMIT", "CHECKPOINT_EVERY", "VIS_EVERY"}
-_FRACTIONS = {"EMA_DECAY", "VAL_FRACTION", "MAX_SKIP_FRACTION", "LABEL_SMOOTHING", "LR_GAMMA", "LR_BACKOFF"}
+                 "GRAD_SPIKE_FACTOR", "LOSS_SPIKE_FACTOR", "HFLIP", "COLOR_JITTER", "SPIKE_WARMUP", "PATIENCE", "SEED",
+                 "LABEL_SMOOTHING", "BN_RECALIBRATE", "MAX_ROLLBACKS", "BAD_BATCH_LIMIT", "CHECKPOINT_EVERY", "VIS_EVERY"}
+_FRACTIONS = {"EMA_DECAY", "VAL_FRACTION", "HFLIP", "CROP_SCALE", "COLOR_JITTER", "MAX_SKIP_FRACTION", "LABEL_SMOOTHING",
+              "LR_GAMMA", "LR_BACKOFF"}
 
 
 # Settings that describe one command, not the run: never written to a run's config.yaml, so that

@@ -692,19 +692,43 @@ class MaskAlignedRandomResizedCrop(_ExactMaskResampling, v2.RandomResizedCrop):
 
 
 def build_transforms(cfg: Config, train: bool) -> v2.Transform:
-    """Joint image/mask transforms: v2 resamples a tv_tensors.Mask with nearest, and colour ops skip it."""
+    """Joint image/mask transforms: v2 resamples a tv_tensors.Mask with nearest, and colour ops skip it.
+
+    Training with AUGMENT: a random resized crop (CROP_SCALE to 1 of the area), a horizontal flip with
+    probability HFLIP and brightness/contrast/saturation jitter of COLOR_JITTER; a setting at its identity
+    value (crop 1, flip 0, jitter 0) adds no step. Synthetic shapes are rendered at image_size and only flip:
+    the label is the shape with the most visible pixels, which a crop could cut away. Without AUGMENT,
+    or for validation: the deterministic resize (+ centre crop) below.
+    """
     size = cfg.image_size
-    if cfg.dataset == "synthetic":  # rendered at image_size; a crop could change which shape sets the label
+    augment = train and cfg.augment
+    if cfg.dataset == "synthetic":
         steps: list[v2.Transform] = [v2.Resize((size, size), antialias=True)]
-        if train:
-            steps.append(v2.RandomHorizontalFlip())
-    elif train:
-        steps = [MaskAlignedRandomResizedCrop(size, scale=(0.35, 1.0), antialias=True), v2.RandomHorizontalFlip(),
-                 v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)]  # hue: 10x slower
+    elif augment and cfg.crop_scale < 1:
+        steps = [MaskAlignedRandomResizedCrop(size, scale=(cfg.crop_scale, 1.0), antialias=True)]
     else:
         steps = [MaskAlignedResize(size, antialias=True), v2.CenterCrop(size)]  # shorter side to size, then centre
+    if augment and cfg.hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(p=cfg.hflip))
+    if augment and cfg.color_jitter > 0 and cfg.dataset != "synthetic":
+        jitter = cfg.color_jitter
+        steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))  # hue: 10x slower
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return v2.Compose(steps)
+
+
+def describe_augmentation(cfg: Config) -> str:
+    """One line for the start-up log: the training augmentation in use, and the settings that do not apply."""
+    if not cfg.augment:
+        return "augmentation: off (--no-augment): training images are resized and centre-cropped like validation"
+    parts = [f"random resized crop {cfg.crop_scale:g}-1 of the area" if cfg.crop_scale < 1 and
+             cfg.dataset != "synthetic" else "no crop",
+             f"horizontal flip p={cfg.hflip:g}" if cfg.hflip > 0 else "no flip",
+             f"colour jitter {cfg.color_jitter:g}" if cfg.color_jitter > 0 and cfg.dataset != "synthetic"
+             else "no colour jitter"]
+    note = (" (synthetic: crop_scale and color_jitter do not apply; a crop could cut away the shape that sets "
+            "the label)" if cfg.dataset == "synthetic" else "")
+    return "augmentation: " + ", ".join(parts) + note
 
 
 def class_names(cfg: Config) -> dict[str, list[str]]:
@@ -714,6 +738,7 @@ def class_names(cfg: Config) -> dict[str, list[str]]:
 
 def build_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
     """(train, val) datasets for cfg.dataset; raise DataError naming the file on bad data."""
+    log.info(describe_augmentation(cfg))
     if cfg.dataset == "synthetic":
         common = dict(image_size=cfg.image_size, num_seg_classes=cfg.num_seg_classes,
                       num_cls_classes=cfg.num_cls_classes, seed=cfg.seed)

@@ -1286,6 +1286,9 @@ def diagnose_learning(model: nn.Module, tensors: tuple[torch.Tensor, ...], cfg: 
 def diagnose(cfg: Config, options: argparse.Namespace, inputs: Inputs, out: Reporter) -> None:
     """Every check, in the report's order."""
     device = T.resolve_device(cfg.device)
+    if cfg.amp == "auto":  # as the training run resolves it (build_run), so the checks see the same precision
+        cfg.amp, why = T.resolve_amp(cfg.amp, device)
+        print(f"amp auto -> {cfg.amp} ({why})", flush=True)
     T.seed_everything(cfg.seed)
     setup = build_setup(cfg, device)
     out.add(check_config(cfg, len(setup.splits["train"]) if setup.splits else None,

@@ -438,10 +438,44 @@ def zero_missing_momentum(optimizer: torch.optim.Optimizer) -> None:
 
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of x86 CPUs with bf16 arithmetic in hardware
+
+
+def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The CPU_BF16_FLAGS this machine's /proc/cpuinfo lists (empty where there is no such file: not Linux)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [flag for flag in CPU_BF16_FLAGS if flag in flags]
+
+
+def resolve_amp(amp: str, device: torch.device) -> tuple[str, str]:
+    """(off | bf16 | fp16, why) for an AMP setting; auto -> bf16 where the hardware computes in bf16, else off.
+
+    auto never picks fp16: it needs loss scaling and overflows above 65504, a choice to make on purpose.
+    """
+    if amp != "auto":
+        return amp, "set explicitly"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"{name} supports bf16 (torch.cuda.is_bf16_supported)"
+        return "off", f"{name} has no bf16; fp16 is never chosen automatically (pass --amp fp16 to use it)"
+    flags = cpu_bf16_flags()
+    capability = torch.backends.cpu.get_cpu_capability()
+    if flags:
+        return "bf16", f"CPU has native bf16: {', '.join(flags)} in /proc/cpuinfo; torch CPU capability {capability}"
+    # Without these units autocast still runs bf16 kernels, emulated: no faster than float32 and less precise.
+    return "off", (f"CPU without native bf16 (no {' or '.join(CPU_BF16_FLAGS)} in /proc/cpuinfo; torch CPU "
+                   f"capability {capability})")
 
 
 def autocast(amp: str, device: torch.device):
     """The forward pass's precision context for an AMP setting (off | bf16 | fp16); the loss stays float32."""
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp {amp!r} is not resolved: call resolve_amp first (build_run does)")
     dtype = AMP_DTYPES[amp]
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
@@ -1768,6 +1802,9 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
 def build_run(cfg: Config, run_dir: Path) -> Run:
     """Data, model, loss, optimizer, schedule and guard for cfg, on its device (and rank, under torchrun)."""
     rank, world_size, device = setup_distributed(cfg)
+    if cfg.amp == "auto":  # resolved once, here: everything downstream (and every checkpoint) sees the result
+        cfg.amp, why = resolve_amp(cfg.amp, device)
+        log.info("amp auto -> %s (%s)", cfg.amp, why)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     if cfg.download and world_size > 1 and rank != 0:
         torch.distributed.barrier()  # rank 0 downloads first (below); the others then read its files

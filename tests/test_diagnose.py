@@ -28,7 +28,7 @@ def healthy_run(tmp_path_factory):
     # 64 train / 32 val images, 6 epochs: both heads clear the verdict's bar (4 epochs left cls at its baseline).
     assert T.main(HEALTHY + ["--out-dir", str(run), "--bn-recalibrate", "2", "--epochs", "6", "--base-lr", "3e-3",
                              "--cls-weight", "1", "--synthetic-train-size", "64", "--synthetic-val-size", "32",
-                             "--vis-every", "0"]) == 0
+                             "--vis-every", "0", "--hflip", "0.5"]) == 0
     return run
 
 
