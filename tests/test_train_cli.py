@@ -143,7 +143,7 @@ def test_checkpoint_validation_names_the_file_and_the_problem(tmp_path, tiny_arg
     payload["model"]["seg_head.weight"][0, 0] = float("nan")
     nan_file = tmp_path / "nan.pt"
     torch.save(payload, nan_file)
-    with pytest.raises(T.CheckpointError, match=r"nan.pt has non-finite weights: seg_head.weight \(1 NaN"):
+    with pytest.raises(T.CheckpointError, match=r"nan.pt has non-finite weights: model.seg_head.weight \(1 NaN"):
         T.load_checkpoint(nan_file)
     cfg = T.load_config(tiny_args + ["--num-seg-classes", "3"])
     with pytest.raises(T.CheckpointError, match="num_seg_classes=4.*num_seg_classes=3"):
