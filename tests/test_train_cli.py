@@ -179,3 +179,49 @@ def test_deterministic_flag_sets_deterministic_algorithms_and_the_cublas_workspa
     finally:
         T.configure_backends(T.load_config(TINY), torch.device("cpu"))
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "device: 'tpu' is not a device this script trains on; this machine has: cpu"),
+    ("cuda:x", "device: 'cuda:x' is not a device this script trains on"),
+])
+def test_a_bad_device_exits_2_naming_the_devices_and_leaves_no_run_folder(tmp_path, capsys, device, message):
+    run = tmp_path / "run"
+    args = [a for a in TINY if a not in ("--device", "cpu")]
+    assert T.main(args + ["--device", device, "--out-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not run.exists()
+
+
+def test_a_start_up_error_removes_the_run_folder_it_made_but_keeps_one_that_existed(tmp_path):
+    made, existing = tmp_path / "made", tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    for run in (made, existing):
+        code = T.main(TINY + ["--dataset", "folder", "--data-root", str(tmp_path / "missing"), "--out-dir", str(run)])
+        assert code == 2
+    assert not made.exists()
+    assert (existing / "notes.txt").read_text() == "mine"
+
+
+def test_resuming_a_finished_run_says_so_and_more_epochs_continue_it(tiny_args, tmp_path):
+    run = tmp_path / "run"
+    assert T.main(tiny_args) == 0
+    assert T.main(tiny_args + ["--resume", str(run / "last.pt")]) == 0
+    log = (run / "train.log").read_text()
+    assert "already finished at epoch 2: nothing to train. To train further, resume with --epochs M" in log
+    assert T.main(tiny_args + ["--resume", str(run / "last.pt"), "--epochs", "3"]) == 0
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert float(rows[-1]["lr"]) == pytest.approx(1e-6)  # the schedule was stretched to 3 epochs and ran out
+
+
+def test_the_saved_config_repeats_the_run_instead_of_resuming_it(tiny_args, tmp_path):
+    first, second = tmp_path / "run", tmp_path / "again"
+    assert T.main(tiny_args) == 0
+    assert T.main(tiny_args + ["--epochs", "3", "--resume", str(first / "last.pt")]) == 0  # its config.yaml now
+    assert T.main(["--config", str(first / "config.yaml"), "--out-dir", str(second)]) == 0
+    assert "resumed from" not in (second / "train.log").read_text()
+    assert [r["epoch"] for r in csv.DictReader(open(second / "metrics.csv"))] == ["1", "2", "3"]  # trained anew
+    assert T.load_checkpoint(second / "last.pt")["state"]["step"] == 12
