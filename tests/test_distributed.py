@@ -127,3 +127,23 @@ def test_eval_only_under_torchrun_equals_a_one_process_evaluation(tmp_path):
     assert two["per_class"]["seg"] == one["per_class"]["seg"]  # counts over all 7 val images, each once
     for key, value in one["metrics"].items():
         assert two["metrics"][key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_two_nodes_with_a_c10d_rendezvous_on_localhost_train_into_one_run_folder(tmp_path):
+    """torchrun --nnodes 2 (two launches, one process each) as on two machines; Gloo on CPU."""
+    import socket
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = tmp_path / "run"
+    launches = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
+         "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes",
+         str(ROOT / "train_enhanced_adaptivestream.py"), *TINY, "--epochs", "1", "--out-dir", str(run)],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [p.communicate(timeout=240)[0] for p in launches]
+    assert [p.returncode for p in launches] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "global batch 8 = batch_size 4 x 2 process(es)" in (run / "train.log").read_text()
+    assert [r["epoch"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["1"]
