@@ -739,6 +739,7 @@ LEARNED_MARGIN = 0.05
 MEMORISING_TRAIN_SHARE = 0.5  # memorising: train cls acc clears the baseline by this share of the headroom...
 MEMORISING_LOSS_RATIO = 2.0  # ...or (seg, which has no train metric) val loss above this x train loss
 STILL_FALLING = 0.02  # the last epoch's train loss below the one before by this fraction: still learning
+LOSS_ROSE = 1.1  # a train loss above this x the uniform guess rose: the LR (a head without gradient stays at 1x)
 # head -> (val metric column, its name, train-metric column or None)
 HEAD_METRICS = {"seg": ("val_miou", "mIoU", None), "cls": ("val_cls_acc", "cls acc", "train_cls_acc")}
 
@@ -788,7 +789,7 @@ def judge_head(head: str, rows: list[dict[str, float]], baselines: Baselines, cf
                            f"memorising: {seen}, val near the baseline: more data or augmentation, or regularise")
     loss = last[f"train_{head}_loss"]
     previous = rows[-2][f"train_{head}_loss"] if len(rows) > 1 else math.nan
-    if not math.isfinite(loss) or loss > uniform:
+    if not math.isfinite(loss) or loss > LOSS_ROSE * uniform:
         kind, cause = "lr", (f"the train loss rose above a uniform guess ({loss:.4g} > {uniform:.4f}): the learning "
                              f"rate is too high (base_lr {cfg.base_lr:g}); lower --base-lr")
     elif loss < previous * (1 - STILL_FALLING):
@@ -1355,6 +1356,9 @@ def _end_epoch(run: Run, epoch: int, train: dict[str, float], start: float) -> d
         state.best_miou, state.best_epoch, state.epochs_since_best = val["val_miou"], epoch + 1, 0
     else:
         state.epochs_since_best += 1
+    if state.epochs_since_best >= cfg.patience and epoch + 1 < cfg.epochs:  # decided before last.pt is written,
+        state.early_stop = (f"no better val mIoU for {cfg.patience} epochs (best {state.best_miou:.4f} at epoch "
+                            f"{state.best_epoch})")  # so a resume of this run knows it is over
     if run.is_main:
         write_metrics_row(run.run_dir / "metrics.csv", row)
     names = class_names(cfg)
@@ -1380,7 +1384,7 @@ def fit(run: Run) -> dict[str, Any]:
     # The whole val split (the loader holds this rank's shard): the grid shows its first images on any world size.
     recorder = ResultsRecorder(cfg, run.run_dir, run.eval_model(), run.val_loader.dataset.dataset, run.device,
                                active=run.is_main)
-    for epoch in range(state.epoch, cfg.epochs):
+    for epoch in range(state.epoch, cfg.epochs if not state.early_stop else state.epoch):
         state.epoch = epoch
         start = time.perf_counter()
         try:
@@ -1390,9 +1394,7 @@ def fit(run: Run) -> dict[str, Any]:
             raise
         row = _end_epoch(run, epoch, train, start)
         recorder.record_epoch(epoch + 1, row)
-        if state.epochs_since_best >= cfg.patience and epoch + 1 < cfg.epochs:
-            state.early_stop = (f"no better val mIoU for {cfg.patience} epochs (best {state.best_miou:.4f} at epoch "
-                                f"{state.best_epoch})")
+        if state.early_stop:
             log.info("early stop: %s", state.early_stop)
             break
     recorder.close()
@@ -1911,9 +1913,11 @@ def _build_and_resume(cfg: Config, run_dir: Path, is_main: bool) -> Run:
         log.info("resumed from %s: epoch %d, batch %d of %d, step %d, %d rollbacks, LR scale %g", checkpoint,
                  run.state.epoch + 1, run.state.batch, run.steps_per_epoch, run.state.step, run.state.rollbacks,
                  run.state.lr_scale)
-        if run.state.epoch >= cfg.epochs:
-            log.warning("the run in %s already finished at epoch %d: nothing to train. To train further, resume with "
-                        "--epochs M for some M > %d", checkpoint, run.state.epoch, run.state.epoch)
+        if run.state.epoch >= cfg.epochs or run.state.early_stop:
+            log.warning("the run in %s already finished at epoch %d%s: nothing to train. To train further, resume with "
+                        "--epochs M for some M > %d%s", checkpoint, run.state.epoch,
+                        f" (early stop: {run.state.early_stop})" if run.state.early_stop else "", run.state.epoch,
+                        " and a larger --patience" if run.state.early_stop else "")
     params = sum(p.numel() for p in run.model.parameters())
     log.info("device %s | %s backbone | %.2fM parameters | %d train / %d val images | %d steps per epoch",
              run.device, cfg.backbone, params / 1e6, len(run.train_loader.dataset),

@@ -107,6 +107,11 @@ def test_patience_epochs_without_a_better_val_miou_stop_the_run_early(tiny_args,
     end = end_event(run)
     assert end["outcome"] == "early_stop" and end["epochs_done"] == 4
     assert "early stop: no better val mIoU for 2 epochs (best 0.6000 at epoch 2)" in (run / "train.log").read_text()
+    # last.pt knows the run is over: resuming it trains nothing and says how to go on
+    assert T.load_checkpoint(run / "last.pt")["state"]["early_stop"].startswith("no better val mIoU")
+    assert T.main(tiny_args + ["--epochs", "5", "--patience", "2", "--resume", str(run / "last.pt")]) == 0
+    assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 4
+    assert "already finished at epoch 4 (early stop: no better val mIoU" in (run / "train.log").read_text()
 
 
 def test_best_pt_is_written_only_when_val_miou_improves(tiny_args, tmp_path, monkeypatch):

@@ -90,6 +90,13 @@ def test_a_train_loss_never_below_uniform_after_warmup_did_not_learn_even_when_v
     assert T.judge_learning(rows, BASELINES, cfg)["seg"].verdict == "did not learn"
 
 
+def test_a_loss_that_stays_at_the_uniform_guess_is_not_blamed_on_the_learning_rate():
+    cfg = load_config(TINY)
+    rows = [row(1, seg_loss=1.40, miou=0.2), row(2, seg_loss=1.40, miou=0.2)]  # ln 4 = 1.386: a head with no gradient
+    seg = T.judge_learning(rows, BASELINES, cfg)["seg"]
+    assert seg.verdict == "did not learn" and seg.kind == "no_signal"
+
+
 def test_a_falling_loss_says_too_few_steps():
     cfg = load_config(TINY)
     rows = [row(1, cls_loss=1.05, val_acc=0.5, train_acc=0.5), row(2, cls_loss=0.95, val_acc=0.5, train_acc=0.55)]
