@@ -80,3 +80,13 @@ def assert_same_training_state(expected: dict, actual: dict, lr: bool = True) ->
         assert torch.equal(expected["ema"]["updates"].cpu(), actual["ema"]["updates"].cpu()), "ema.updates"
         for name, tensor in expected["ema"]["model"].items():
             assert torch.equal(tensor.cpu(), actual["ema"]["model"][name].cpu()), f"ema.{name}"
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ (not a package) as a module, e.g. load_benchmark("bench_train")."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

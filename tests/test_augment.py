@@ -4,7 +4,6 @@ folder dataset that build_datasets reads."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from config import ConfigError, load_config
-from conftest import ROOT, TINY
+from conftest import TINY, load_benchmark
 from data import IMAGENET_MEAN, IMAGENET_STD, build_datasets, build_transforms, describe_augmentation, to_sample
 from fake_data import HEIGHT, WIDTH
 
@@ -42,24 +41,16 @@ def normalised(image: torch.Tensor) -> torch.Tensor:
     return (image.float() / 255 - MEAN) / STD
 
 
-def test_hflip_0_without_crop_or_jitter_returns_the_input_exactly():
-    cfg = folder_cfg("--hflip", "0", "--crop-scale", "1", "--color-jitter", "0")
+@pytest.mark.parametrize("hflip, flipped", [("0", False), ("1", True)])
+def test_hflip_0_returns_the_input_exactly_and_hflip_1_always_mirrors_image_and_mask(hflip, flipped):
+    cfg = folder_cfg("--hflip", hflip, "--crop-scale", "1", "--color-jitter", "0")
     image, mask = blocks()
+    want_image, want_mask = (image.flip(-1), mask.flip(-1)) if flipped else (image, mask)
     for seed in range(5):
         torch.manual_seed(seed)
         out, out_mask = apply(cfg, image, mask)
-        torch.testing.assert_close(out, normalised(image), rtol=0, atol=1e-6)
-        assert torch.equal(out_mask, mask)
-
-
-def test_hflip_1_always_mirrors_image_and_mask():
-    cfg = folder_cfg("--hflip", "1", "--crop-scale", "1", "--color-jitter", "0")
-    image, mask = blocks()
-    for seed in range(5):
-        torch.manual_seed(seed)
-        out, out_mask = apply(cfg, image, mask)
-        torch.testing.assert_close(out, normalised(image.flip(-1)), rtol=0, atol=1e-6)
-        assert torch.equal(out_mask, mask.flip(-1))
+        torch.testing.assert_close(out, normalised(want_image), rtol=0, atol=1e-6)
+        assert torch.equal(out_mask, want_mask)
 
 
 def test_crop_scale_1_keeps_the_whole_image_even_when_it_flips():
@@ -146,10 +137,7 @@ def test_augmentation_settings_read_from_yaml(tmp_path):
 
 # ---- benchmarks/make_digits.py ----
 def load_make_digits():
-    spec = importlib.util.spec_from_file_location("make_digits", ROOT / "benchmarks" / "make_digits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("make_digits")
 
 
 def test_make_digits_builds_a_folder_dataset_that_build_datasets_reads(tmp_path):

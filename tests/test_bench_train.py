@@ -1,20 +1,16 @@
 """benchmarks/bench_train.py runs end to end on a tiny config and reports every figure as a finite number."""
 
-import importlib.util
 import json
 import math
 
-from conftest import ROOT, TINY
+from conftest import TINY, load_benchmark
 
 import train_enhanced_adaptivestream as T
 from config import load_config
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_train")
 
 
 def test_bench_train_reports_every_figure_as_a_finite_number(tmp_path):
