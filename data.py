@@ -691,27 +691,36 @@ class MaskAlignedRandomResizedCrop(_ExactMaskResampling, v2.RandomResizedCrop):
     pass
 
 
+def augmentation(cfg: Config) -> dict[str, float]:
+    """The training augmentation that applies, by step: crop (minimum area of the random resized crop),
+    flip (probability), jitter (brightness/contrast/saturation strength); a step at its identity value is
+    left out. Synthetic shapes are rendered at image_size and only flip: the label is the shape with the
+    most visible pixels, which a crop could cut away."""
+    if not cfg.augment:
+        return {}
+    steps = {"crop": cfg.crop_scale if cfg.crop_scale < 1 else 0, "flip": cfg.hflip, "jitter": cfg.color_jitter}
+    if cfg.dataset == "synthetic":
+        steps["crop"] = steps["jitter"] = 0
+    return {name: value for name, value in steps.items() if value > 0}
+
+
 def build_transforms(cfg: Config, train: bool) -> v2.Transform:
     """Joint image/mask transforms: v2 resamples a tv_tensors.Mask with nearest, and colour ops skip it.
 
-    Training with AUGMENT: a random resized crop (CROP_SCALE to 1 of the area), a horizontal flip with
-    probability HFLIP and brightness/contrast/saturation jitter of COLOR_JITTER; a setting at its identity
-    value (crop 1, flip 0, jitter 0) adds no step. Synthetic shapes are rendered at image_size and only flip:
-    the label is the shape with the most visible pixels, which a crop could cut away. Without AUGMENT,
-    or for validation: the deterministic resize (+ centre crop) below.
+    Training: the steps of augmentation(cfg); without a crop (and for validation) the deterministic resize
+    (+ centre crop) below.
     """
-    size = cfg.image_size
-    augment = train and cfg.augment
+    size, use = cfg.image_size, augmentation(cfg) if train else {}
     if cfg.dataset == "synthetic":
         steps: list[v2.Transform] = [v2.Resize((size, size), antialias=True)]
-    elif augment and cfg.crop_scale < 1:
-        steps = [MaskAlignedRandomResizedCrop(size, scale=(cfg.crop_scale, 1.0), antialias=True)]
+    elif "crop" in use:
+        steps = [MaskAlignedRandomResizedCrop(size, scale=(use["crop"], 1.0), antialias=True)]
     else:
         steps = [MaskAlignedResize(size, antialias=True), v2.CenterCrop(size)]  # shorter side to size, then centre
-    if augment and cfg.hflip > 0:
-        steps.append(v2.RandomHorizontalFlip(p=cfg.hflip))
-    if augment and cfg.color_jitter > 0 and cfg.dataset != "synthetic":
-        jitter = cfg.color_jitter
+    if "flip" in use:
+        steps.append(v2.RandomHorizontalFlip(p=use["flip"]))
+    if "jitter" in use:
+        jitter = use["jitter"]
         steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))  # hue: 10x slower
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return v2.Compose(steps)
@@ -721,11 +730,10 @@ def describe_augmentation(cfg: Config) -> str:
     """One line for the start-up log: the training augmentation in use, and the settings that do not apply."""
     if not cfg.augment:
         return "augmentation: off (--no-augment): training images are resized and centre-cropped like validation"
-    parts = [f"random resized crop {cfg.crop_scale:g}-1 of the area" if cfg.crop_scale < 1 and
-             cfg.dataset != "synthetic" else "no crop",
-             f"horizontal flip p={cfg.hflip:g}" if cfg.hflip > 0 else "no flip",
-             f"colour jitter {cfg.color_jitter:g}" if cfg.color_jitter > 0 and cfg.dataset != "synthetic"
-             else "no colour jitter"]
+    use = augmentation(cfg)
+    parts = [f"random resized crop {use['crop']:g}-1 of the area" if "crop" in use else "no crop",
+             f"horizontal flip p={use['flip']:g}" if "flip" in use else "no flip",
+             f"colour jitter {use['jitter']:g}" if "jitter" in use else "no colour jitter"]
     note = (" (synthetic: crop_scale and color_jitter do not apply; a crop could cut away the shape that sets "
             "the label)" if cfg.dataset == "synthetic" else "")
     return "augmentation: " + ", ".join(parts) + note

@@ -271,28 +271,34 @@ class WeightEMA:
 
     After each accepted step: ema += w * (param - ema), w = 1 - min(EMA_DECAY, (1 + n) / (10 + n)) for the
     n-th accepted update (the warm-up of timm's ModelEmaV3, so a short run is not dominated by its random
-    init). BatchNorm buffers are the model's own, copied each step. On a skipped step w is 0, decided on
-    the device: swa_utils.AveragedModel reads its update count on the host (a sync per step on CUDA) and
-    has no way to skip an update.
+    init). On a skipped step w is 0, decided on the device: swa_utils.AveragedModel reads its update count
+    on the host (a sync per step on CUDA) and has no way to skip an update. BatchNorm buffers are the
+    model's own: copied when they are read (eval_model, state_dict), not on every step.
     """
 
     def __init__(self, model: nn.Module, decay: float):
+        self.source, self.decay = model, decay
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
-        self.updates = torch.zeros((), device=next(model.parameters()).device)
+        self.params = [p.detach() for p in model.parameters()]
+        self.averaged = list(self.module.parameters())
+        self.updates = torch.zeros((), device=self.params[0].device)
 
     @torch.no_grad()
-    def update(self, model: nn.Module, skip: torch.Tensor) -> None:
+    def update(self, skip: torch.Tensor) -> None:
         accepted = (~skip).float()
         weight = (1 - torch.clamp((1 + self.updates) / (10 + self.updates), max=self.decay)) * accepted
-        ema = list(self.module.parameters())
-        torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], [weight] * len(ema))
-        for mine, theirs in zip(self.module.buffers(), model.buffers()):
-            mine.copy_(theirs)
+        torch._foreach_lerp_(self.averaged, self.params, [weight] * len(self.averaged))
         self.updates += accepted
 
+    @torch.no_grad()
+    def synced(self) -> nn.Module:
+        """The averaged model with the source model's current BatchNorm statistics."""
+        for mine, theirs in zip(self.module.buffers(), self.source.buffers()):
+            mine.copy_(theirs)
+        return self.module
+
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.module.state_dict(), "updates": self.updates.clone()}
+        return {"model": self.synced().state_dict(), "updates": self.updates.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
@@ -1016,7 +1022,7 @@ class Run:
 
     def eval_model(self) -> nn.Module:
         """The model evaluations, prediction grids and best.pt's inference weights come from."""
-        return self.ema.module if self.ema is not None else unwrap(self.model)
+        return self.ema.synced() if self.ema is not None else unwrap(self.model)
 
     @property
     def is_main(self) -> bool:
@@ -1080,8 +1086,7 @@ def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor, labels: torc
     if guard is not None:
         guard.commit(skip, loss.detach(), grad_norm)
     if run.ema is not None:
-        run.ema.update(unwrap(model), skip if guard is not None else torch.zeros((), dtype=torch.bool,
-                                                                                   device=loss.device))
+        run.ema.update(skip if guard is not None else torch.zeros((), dtype=torch.bool, device=loss.device))
     run.scheduler.step()
     correct = (cls_logits.detach().argmax(1) == labels).float().sum()
     return torch.stack([loss.detach().float(), parts["seg"], parts["cls"], grad_norm.float(),

@@ -37,7 +37,7 @@ def test_ema_weight_follows_the_warmup_of_its_decay():
     ema = T.WeightEMA(model, decay=0.99)
     with torch.no_grad():
         model.weight.fill_(1.0)
-    ema.update(model, torch.tensor(False))  # n = 0: decay min(0.99, 1/10) = 0.1, so ema moves 0.9 of the way
+    ema.update(torch.tensor(False))  # n = 0: decay min(0.99, 1/10) = 0.1, so ema moves 0.9 of the way
     assert ema.module.weight.item() == torch.tensor(0.9).item()
 
 
@@ -66,3 +66,13 @@ def test_a_rollback_restores_the_ema(make_run):
     for name, tensor in run.ema.module.state_dict().items():
         assert torch.equal(tensor, snapshot_ema[name]), name
     assert run.ema.updates.item() == 0
+
+
+def test_the_evaluated_ema_model_carries_the_models_current_batchnorm_statistics(make_run):
+    run = make_run("--ema-decay", "0.9")
+    for batch in list(run.train_loader)[:2]:
+        T.train_step(run, *T.to_device(batch, run))
+    evaluated = run.eval_model()
+    assert evaluated is run.ema.module
+    for (name, mine), theirs in zip(evaluated.named_buffers(), run.model.buffers()):
+        assert torch.equal(mine, theirs), name

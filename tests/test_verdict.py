@@ -75,6 +75,14 @@ def test_val_metric_within_the_margin_of_the_baseline_did_not_learn():
     assert T.judge_learning(rows, BASELINES, cfg)["seg"].verdict == "learned"
 
 
+def test_an_accuracy_gain_within_two_standard_errors_of_the_val_set_is_not_learned():
+    cfg = load_config(TINY)
+    rows = [row(1, val_acc=0.7), row(2, val_acc=0.7)]  # cls baseline 0.5: 2 standard errors on 8 images = 0.35
+    few = dataclasses.replace(BASELINES, val_images=8)
+    assert T.judge_learning(rows, few, cfg)["cls"].verdict != "learned"
+    assert T.judge_learning(rows, BASELINES, cfg)["cls"].verdict == "learned"  # 100 images: 0.1
+
+
 def test_a_loss_above_the_uniform_guess_blames_the_learning_rate():
     cfg = load_config(TINY + ["--base-lr", "10"])
     rows = [row(1, seg_loss=3.0, miou=0.2), row(2, seg_loss=9.4, miou=0.2)]
