@@ -77,7 +77,8 @@ MOMENTUM: float = 0.9  # SGD momentum
 EMA_DECAY: float = 0.0  # exponential moving average of the weights (evaluated and saved for inference); 0 = off
 MAX_GRAD_NORM: float = 1.0  # clip the global gradient norm to this
 AMP: str = "auto"  # auto | off | bf16 | fp16; auto: bf16 on CUDA GPUs and CPUs that compute it natively, else off (logged)
-CHANNELS_LAST: bool = False  # channels-last memory format for model and inputs
+CHANNELS_LAST: str = "auto"  # auto | on | off: channels-last memory format for model and inputs; auto: on where it measured faster (logged)
+COMPILE: str = "auto"  # auto | on | off: torch.compile the model for training and evaluation; auto: on where it pays over the run (logged)
 
 # ---- Guard ----
 SKIP_GRAD_NORM: float = 100.0  # skip a step whose pre-clip gradient norm exceeds this
@@ -123,6 +124,8 @@ _CHOICES = {
     "OPTIMIZER": ("adamw", "sgd"),
     "LR_DECAY": ("cosine", "exponential", "constant"),
     "AMP": ("auto", "off", "bf16", "fp16"),
+    "CHANNELS_LAST": ("auto", "on", "off"),
+    "COMPILE": ("auto", "on", "off"),
 }
 _POSITIVE = {"IMAGE_SIZE", "MASK_SCALE", "CROP_SCALE", "VAL_FRACTION", "NUM_SEG_CLASSES", "NUM_CLS_CLASSES", "SYNTHETIC_TRAIN_SIZE", "SYNTHETIC_VAL_SIZE",
              "WIDTH", "STREAM_CHANNELS", "DECODER_CHANNELS", "EPOCHS", "BATCH_SIZE", "BASE_LR", "MIN_LR",
@@ -197,6 +200,8 @@ def _coerce(key: str, value: Any, hint: Any, from_cli: bool) -> Any:
             except ConfigError as err:
                 errors.append(err)
         raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+    if hint is str and isinstance(value, bool):
+        value = "on" if value else "off"  # YAML 1.1 reads on/off/yes/no/true/false as booleans: amp: off
     if from_cli and isinstance(value, str) and hint is not str:
         try:
             value = yaml.safe_load(value)

@@ -478,6 +478,48 @@ def resolve_amp(amp: str, device: torch.device) -> tuple[str, str]:
                    f"capability {capability})")
 
 
+def resolve_channels_last(amp: str, device: torch.device) -> tuple[str, str]:
+    """(on | off, why) for CHANNELS_LAST auto, given the resolved AMP setting.
+
+    On for CPUs (oneDNN's convolutions are NHWC-native: 1.39x the training images/s of the default
+    model at 224 px in float32 on an AVX-512 Xeon, benchmarks/README.md) and for CUDA with bf16/fp16,
+    whose tensor-core convolutions read and write NHWC. Off for CUDA in float32, where cuDNN's NCHW
+    kernels are the usual fast path.
+    """
+    if device.type == "cuda":
+        if amp in ("bf16", "fp16"):
+            return "on", f"CUDA with {amp}: tensor-core convolutions are NHWC-native"
+        return "off", "CUDA in float32: NCHW is cuDNN's usual fast path"
+    return "on", "CPU: oneDNN convolutions are NHWC-native (measured faster, benchmarks/README.md)"
+
+
+COMPILE_MIN_STEPS = 1000  # COMPILE auto: shorter runs would spend a large part of their time compiling
+
+
+def resolve_compile(device: torch.device, steps: int) -> tuple[str, str]:
+    """(on | off, why) for COMPILE auto, given the run's planned optimizer steps.
+
+    torch.compile costs about a minute (CPU: 40-150 s for the default model, once per mode: training,
+    evaluation) and then trains 1.47x the images/s of eager on CPU (benchmarks/README.md). It pays
+    over runs of COMPILE_MIN_STEPS steps or more, and needs inductor's code generator: a C++
+    compiler on CPU, triton on CUDA. `on` compiles whatever the length; a failed compilation then
+    stops the run, where auto goes on eager with a WARN line.
+    """
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401  (inductor's GPU code generator)
+        except ImportError:
+            return "off", "triton is not installed (inductor needs it on CUDA)"
+    else:
+        compilers = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
+        if not any(shutil.which(c) for c in compilers):
+            return "off", f"no C++ compiler ({', '.join(compilers)}) on PATH: inductor needs one on CPU"
+    if steps < COMPILE_MIN_STEPS:
+        return "off", (f"{steps} steps: too few to pay back about a minute of compilation (auto compiles runs of "
+                       f"{COMPILE_MIN_STEPS} steps or more; --compile on forces it)")
+    return "on", f"{steps} steps: about a minute of compilation pays back over the run (--compile off skips it)"
+
+
 def autocast(amp: str, device: torch.device):
     """The forward pass's precision context for an AMP setting (off | bf16 | fp16); the loss stays float32."""
     if amp not in AMP_DTYPES:
@@ -1019,6 +1061,7 @@ class Run:
     world_size: int = 1  # processes under torchrun
     baselines: Baselines | None = None  # what a model that learned nothing scores on this data
     ema: WeightEMA | None = None  # the averaged weights that are evaluated and saved (EMA_DECAY > 0)
+    compile_pending: str | None = None  # COMPILE as asked (auto | on) until the first compiled step has run
 
     def eval_model(self) -> nn.Module:
         """The model evaluations, prediction grids and best.pt's inference weights come from."""
@@ -1039,7 +1082,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def to_device(batch: dict[str, Any], run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    memory_format = torch.channels_last if run.cfg.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if run.cfg.channels_last == "on" else torch.contiguous_format
     images = batch["image"].to(run.device, non_blocking=True).contiguous(memory_format=memory_format)
     masks = batch["mask"].to(run.device, non_blocking=True).long()  # [B, H, W]
     labels = torch.as_tensor(batch["label"]).to(run.device, non_blocking=True).long()  # [B]
@@ -1091,6 +1134,37 @@ def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor, labels: torc
     correct = (cls_logits.detach().argmax(1) == labels).float().sum()
     return torch.stack([loss.detach().float(), parts["seg"], parts["cls"], grad_norm.float(),
                         reason.float(), correct])
+
+
+def uncompile(modules: Iterable[nn.Module | None]) -> None:
+    """Undo nn.Module.compile(): the modules' forward runs eagerly again."""
+    for module in modules:
+        if module is not None:
+            module._compiled_call_impl = None
+
+
+def first_compiled_step(run: Run, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """train_step of a compiled model for the first time: torch.compile traces and compiles here (logged
+    with its time). If that fails, COMPILE on stops the run (exit 2); auto puts the training state back
+    as it was before the step, logs a WARN line naming the error and trains on without compiling."""
+    asked, saved, started = run.compile_pending, take_snapshot(run), time.perf_counter()
+    run.compile_pending = None
+    try:
+        result = train_step(run, images, masks, labels)
+        result.tolist()  # wait for the step: the time below is the compilation's, and errors surface here
+    except Exception as err:  # dynamo and inductor raise many types; the chained traceback keeps the cause
+        what = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+        if asked == "on":
+            raise ConfigError(f"compile: torch.compile failed in the first training step ({what}); "
+                              f"run with --compile off (or auto, which falls back to eager)") from err
+        restore_training_state(run, saved)
+        uncompile([unwrap(run.model), run.ema.module if run.ema is not None else None])
+        run.cfg.compile = "off"
+        log.warning("compile auto: torch.compile failed in the first training step (%s); training on without "
+                    "it (eager). --compile off skips the attempt", what)
+        return train_step(run, images, masks, labels)
+    log.info("compile: the first step (tracing and compilation) took %.1f s", time.perf_counter() - started)
+    return result
 
 
 def _append_jsonl(run: Run, records: list[dict[str, Any]]) -> None:
@@ -1236,7 +1310,8 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     tenths_shown = state.batch * 10 // run.steps_per_epoch
     for batch in run.train_loader:
         images, masks, labels = to_device(batch, run)
-        pending.append(train_step(run, images, masks, labels))
+        step = train_step if run.compile_pending is None else first_compiled_step
+        pending.append(step(run, images, masks, labels))
         batches.append(batch)
         done = state.batch + len(pending) >= run.steps_per_epoch
         # A lone process stops right after the step it was signalled in; under torchrun ranks agree at
@@ -1462,6 +1537,7 @@ def evaluate_checkpoint(cfg: Config, argv: list[str] | None) -> int:
     cfg, payload = inference_config(cfg, argv)
     out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent
     out.mkdir(parents=True, exist_ok=True)
+    cfg.compile = "off"  # one pass over the val split: compiling would cost more than it saves
     run = build_run(cfg, out)
     unwrap(run.model).load_state_dict(inference_weights(payload))  # checkpoints hold the model outside DDP
     # Each rank evaluates its shard; evaluate() all-reduces the sums, so every rank has the totals.
@@ -1809,9 +1885,13 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
 def build_run(cfg: Config, run_dir: Path) -> Run:
     """Data, model, loss, optimizer, schedule and guard for cfg, on its device (and rank, under torchrun)."""
     rank, world_size, device = setup_distributed(cfg)
-    if cfg.amp == "auto":  # resolved once, here: everything downstream (and every checkpoint) sees the result
+    # auto settings are resolved once, here: everything downstream (and every checkpoint) sees the result
+    if cfg.amp == "auto":
         cfg.amp, why = resolve_amp(cfg.amp, device)
         log.info("amp auto -> %s (%s)", cfg.amp, why)
+    if cfg.channels_last == "auto":
+        cfg.channels_last, why = resolve_channels_last(cfg.amp, device)
+        log.info("channels_last auto -> %s (%s)", cfg.channels_last, why)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     if cfg.download and world_size > 1 and rank != 0:
         torch.distributed.barrier()  # rank 0 downloads first (below); the others then read its files
@@ -1824,7 +1904,7 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
         report_data(cfg, train_ds, val_ds, run_dir, baselines)
     train_loader, val_loader = build_loaders(cfg, train_ds, val_ds, device, rank, world_size)
     model = build_model(cfg).to(device)
-    if cfg.channels_last:
+    if cfg.channels_last == "on":
         model = model.to(memory_format=torch.channels_last)
     guard = StepGuard(model, cfg, device)
     if world_size > 1:
@@ -1837,10 +1917,21 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     optimizer = build_optimizer(cfg, unwrap(model))
     steps_per_epoch = len(train_loader)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    ema = WeightEMA(unwrap(model), cfg.ema_decay) if cfg.ema_decay > 0 else None
+    compile_asked = cfg.compile
+    if cfg.compile == "auto":
+        cfg.compile, why = resolve_compile(device, cfg.epochs * steps_per_epoch)
+        log.info("compile auto -> %s (%s)", cfg.compile, why)
+    if cfg.compile == "on":
+        # In place (nn.Module.compile): state dicts keep their plain keys, and evaluation, the EMA model and
+        # DDP all call the compiled forward. Tracing and compilation happen in the first step (timed, logged).
+        for module in (unwrap(model), ema.module if ema is not None else None):
+            if module is not None:
+                module.compile()
     return Run(cfg=cfg, model=model, loss_fn=build_loss(cfg).to(device), optimizer=optimizer, scheduler=scheduler,
                guard=guard, device=device, train_loader=train_loader, val_loader=val_loader, run_dir=run_dir,
                steps_per_epoch=steps_per_epoch, scaler=build_scaler(cfg, device), rank=rank, world_size=world_size,
-               baselines=baselines, ema=WeightEMA(unwrap(model), cfg.ema_decay) if cfg.ema_decay > 0 else None)
+               baselines=baselines, ema=ema, compile_pending=compile_asked if cfg.compile == "on" else None)
 
 
 def resume_path(cfg: Config, run_dir: Path) -> Path | None:

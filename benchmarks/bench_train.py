@@ -2,12 +2,12 @@
 
     python benchmarks/bench_train.py                           # CPU, default model, under 3 minutes
     python benchmarks/bench_train.py --peer smp --json bench.json
-    python benchmarks/bench_train.py --device cuda --amp bf16 --channels-last --compile
+    python benchmarks/bench_train.py --device cuda --amp bf16 --channels-last on --compile on
     python benchmarks/bench_train.py --time-to-miou 0.85 --peer smp --budget-s 1800
     python benchmarks/bench_train.py --folder-fixture 64       # loader on a written folder dataset
 
 Every flag that is not a benchmark flag below is a training setting and goes to config.py's
-load_config (--image-size, --batch-size, --width, --amp, --channels-last, --device, ...), so the
+load_config (--image-size, --batch-size, --width, --amp, --channels-last, --compile, --device, ...), so the
 benchmark measures exactly the configuration a training run would use. It imports the real
 build_run / train_step / evaluate / fit and never re-implements them.
 
@@ -64,7 +64,6 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config]:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per arm first (default 2)")
     parser.add_argument("--eval-batches", type=int, default=4, help="batches in the eval timing (default 4)")
     parser.add_argument("--loader-batches", type=int, default=12, help="batches read in a loader timing (default 12)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every timed model")
     parser.add_argument("--peer", choices=["smp"], help="also time segmentation_models_pytorch Unet('resnet18')")
     parser.add_argument("--folder-fixture", type=int, metavar="N", default=0,
                         help="write N 224x224 JPEG/PNG pairs as a folder dataset and time its loader (2 workers)")
@@ -287,7 +286,7 @@ def run_with_model(base: T.Run, model: nn.Module, guarded: bool) -> T.Run:
     """
     cfg, device = base.cfg, base.device
     model = model.to(device)
-    if cfg.channels_last:
+    if cfg.channels_last == "on":
         model = model.to(memory_format=torch.channels_last)
     optimizer = T.build_optimizer(cfg, model)
     return dataclasses.replace(
@@ -309,15 +308,16 @@ def describe_model(model: nn.Module, cfg: Config, device: torch.device) -> dict[
 
 
 def compile_arms(arms: dict[str, T.Run], batch: tuple) -> None:
-    """torch.compile each arm's model; compile errors stop with a message instead of a compiler trace."""
+    """torch.compile each arm's model in place, as build_run does for a training run, and compile it now
+    (outside the timed steps); compile errors stop with a message instead of a compiler trace."""
     for name, arm in arms.items():
-        arm.model = torch.compile(arm.model)
+        T.unwrap(arm.model).compile()
         try:
             T.train_step(arm, *batch)  # compiles now, outside the timed steps
         except Exception as err:  # inductor raises many types; the chained traceback keeps the real cause
             first_line = (str(err).strip().splitlines() or [""])[0]
             raise BenchError(f"--compile: the first compiled step of {name} failed ({type(err).__name__}: "
-                             f"{first_line}); run without --compile") from err
+                             f"{first_line}); run with --compile off") from err
 
 
 # ---- folder fixture ----
@@ -430,8 +430,12 @@ def measure(args: argparse.Namespace, cfg: Config, argv: list[str]) -> dict[str,
             folder_cfg = prepare_folder_fixture(Path(tmp) / "folder", cfg, args.folder_fixture)
         cfg.out_dir = str(Path(tmp) / "run")
         Path(cfg.out_dir).mkdir()
+        compile_asked, cfg.compile = cfg.compile, "off"  # FLOPs are counted on the eager model; arms compile below
         base = T.build_run(cfg, Path(cfg.out_dir))
         device = base.device
+        # As a training run of this configuration would decide (its planned steps, not the benchmark's).
+        cfg.compile = (T.resolve_compile(device, cfg.epochs * len(base.train_loader))[0]
+                       if compile_asked == "auto" else compile_asked)
         batches = make_batches(base, max(2, args.eval_batches))
         infos = {"guarded": describe_model(base.model, cfg, device)}
         unguarded_model = T.build_model(cfg)
@@ -445,7 +449,7 @@ def measure(args: argparse.Namespace, cfg: Config, argv: list[str]) -> dict[str,
         if args.peer:
             arms["peer"] = run_with_model(base, build_peer(cfg), guarded=True)
             infos["peer"] = describe_model(arms["peer"].model, cfg, device)
-        if args.compile:
+        if cfg.compile == "on":
             compile_arms(arms, batches[0])
         times = time_interleaved(arms, batches, args.steps, args.warmup)
         matmul = measure_matmul_gflops(device)
@@ -464,7 +468,7 @@ def measure(args: argparse.Namespace, cfg: Config, argv: list[str]) -> dict[str,
             "command": " ".join(["python", "benchmarks/bench_train.py", *argv]),
             "machine": describe_machine(device),
             "settings": {"image_size": cfg.image_size, "batch_size": cfg.batch_size, "amp": cfg.amp,
-                         "channels_last": cfg.channels_last, "compile": args.compile, "backbone": cfg.backbone,
+                         "channels_last": cfg.channels_last, "compile": cfg.compile, "backbone": cfg.backbone,
                          "width": cfg.width, "stream_channels": cfg.stream_channels, "snapshot_every": cfg.snapshot_every,
                          "decoder_channels": cfg.decoder_channels, "steps": args.steps, "warmup": args.warmup},
             "matmul_gflops": matmul, "peak_memory_kind": peak_kind, "ours": ours}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU check, under 8 minutes on one GPU: CUDA tests, quick_test on CUDA, the benchmark in fp32,
-# bf16 + channels-last and --compile, and torchrun with one process per GPU when there are 2 or more.
+# bf16 + channels-last and --compile on, and torchrun with one process per GPU when there are 2 or more.
 # Prints one summary table; exits 1 if any part failed.
 # Without CUDA it runs the CPU equivalents (quick, tiny), says what it skipped and why, and exits 0
 # when those pass.
@@ -28,10 +28,12 @@ skip() { NAMES+=("$1"); RESULTS+=("skipped: $2"); }
 if [ "$GPUS" -gt 0 ]; then
     step cuda-tests "$PYTHON" -m pytest -q tests/test_cuda.py
     step quick-test "$PYTHON" quick_test.py --device cuda
-    step bench-fp32 "$PYTHON" benchmarks/bench_train.py --device cuda "${BENCH[@]}" --json "$OUT/fp32.json"
-    step bench-bf16-cl "$PYTHON" benchmarks/bench_train.py --device cuda --amp bf16 --channels-last "${BENCH[@]}" \
-        --json "$OUT/bf16.json"
-    step bench-compile "$PYTHON" benchmarks/bench_train.py --device cuda --compile "${BENCH[@]}" --json "$OUT/compile.json"
+    step bench-fp32 "$PYTHON" benchmarks/bench_train.py --device cuda --amp off --channels-last off --compile off \
+        "${BENCH[@]}" --json "$OUT/fp32.json"
+    step bench-bf16-cl "$PYTHON" benchmarks/bench_train.py --device cuda --amp bf16 --channels-last on --compile off \
+        "${BENCH[@]}" --json "$OUT/bf16.json"
+    step bench-compile "$PYTHON" benchmarks/bench_train.py --device cuda --amp bf16 --channels-last on --compile on \
+        "${BENCH[@]}" --json "$OUT/compile.json"
     if [ "$GPUS" -ge 2 ]; then
         step torchrun "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" \
             train_enhanced_adaptivestream.py --device cuda --epochs 1 --synthetic-train-size 128 \

@@ -50,6 +50,16 @@ def test_yaml_overrides_defaults_and_cli_overrides_yaml(tmp_path):
     assert cfg.base_lr == 3e-4 and cfg.epochs == 7 and cfg.seg_class_names == ["bg", "face"]
 
 
+def test_yaml_on_and_off_read_as_the_switch_words_not_booleans(tmp_path):
+    path = tmp_path / "c.yaml"  # YAML 1.1 reads bare on/off as true/false
+    path.write_text("amp: off\ncompile: on\nchannels_last: off\n")
+    cfg = load_config(["--config", str(path)])
+    assert (cfg.amp, cfg.compile, cfg.channels_last) == ("off", "on", "off")
+    path.write_text("amp: on\n")
+    with pytest.raises(ConfigError, match="amp: 'on' is not one of auto, off, bf16, fp16"):
+        load_config(["--config", str(path)])
+
+
 def test_cli_parses_bools_lists_and_none():
     cfg = load_config(["--pretrained", "--cls-class-weights", "1,2,3", "--out-dir", "none"])
     assert cfg.pretrained is True and cfg.cls_class_weights == [1.0, 2.0, 3.0] and cfg.out_dir is None

@@ -1,0 +1,143 @@
+"""COMPILE: torch.compile of the model, in place. The guard keeps its skip-leaves-no-trace behaviour on the
+compiled model, checkpoints hold plain keys that load into an eager model, and a failed compilation stops
+the run under `on` and falls back to eager under `auto`.
+
+Compiling the tiny model on CPU takes ~10-20 s (inductor's C++ code generation): these tests share one run."""
+
+import copy
+import logging
+
+import pytest
+import torch
+
+import train_enhanced_adaptivestream as T
+from config import ConfigError
+
+
+@pytest.fixture
+def compiled_run(make_run):
+    if T.resolve_compile(torch.device("cpu"), T.COMPILE_MIN_STEPS)[0] == "off":
+        pytest.skip("no C++ compiler: inductor cannot compile on this CPU")
+    run = make_run("--compile", "on")
+    assert T.unwrap(run.model)._compiled_call_impl is not None, "--compile on did not compile the model"
+    return run
+
+
+def batch_of(run):
+    return T.to_device(next(iter(run.train_loader)), run)
+
+
+def test_a_compiled_skipped_step_leaves_no_trace_and_its_checkpoint_loads_into_an_eager_model(compiled_run, caplog,
+                                                                                               tmp_path):
+    run = compiled_run
+    images, masks, labels = batch_of(run)
+    with caplog.at_level(logging.INFO, logger=T.log.name):
+        T.first_compiled_step(run, images, masks, labels)
+    assert run.compile_pending is None
+    assert any("compile: the first step (tracing and compilation) took" in r.getMessage() for r in caplog.records)
+    before = copy.deepcopy(T.training_state(run))
+    poisoned = images.clone()
+    poisoned[0, :, 3, 3] = float("nan")  # NaN loss, and NaN in the BN batch statistics of the compiled forward
+    row = T.train_step(run, poisoned, masks, labels)
+    assert T.SKIP_REASONS[int(row[4])] == "non-finite loss"
+    after = T.training_state(run)
+    for name, tensor in before["model"].items():  # weights and BN buffers, bit for bit
+        assert torch.equal(tensor, after["model"][name]), f"model.{name} changed on a skipped compiled step"
+    for index, entry in before["optimizer"]["state"].items():
+        for key, tensor in entry.items():
+            assert torch.equal(torch.as_tensor(tensor), torch.as_tensor(after["optimizer"]["state"][index][key])), \
+                f"optimizer.state.{index}.{key}"
+
+    T.train_step(run, images, masks, labels)  # an accepted compiled step changes the weights
+    assert any(not torch.equal(before["model"][n], t) for n, t in T.unwrap(run.model).state_dict().items())
+
+    path = tmp_path / "compiled.pt"
+    T.save_checkpoint(path, T.checkpoint_payload(run))
+    payload = T.load_checkpoint(path)
+    assert not [k for k in payload["model"] if "_orig_mod" in k], "a compiled model's keys leaked into the checkpoint"
+    eager = T.build_model(run.cfg)
+    eager.load_state_dict(payload["model"])  # strict: every key matches the eager model's
+    assert eager._compiled_call_impl is None
+    model = T.unwrap(run.model).eval()
+    eager.eval()
+    with torch.no_grad():
+        for ours, theirs in zip(model(images), eager(images)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)  # compiled vs eager kernels
+
+
+def failing_compile(self, *args, **kwargs):
+    """Compilation that fails after the forward already ran once: BN running statistics moved, dropout drew."""
+    def fail(*a, **k):
+        self._call_impl(*a, **k)
+        raise RuntimeError("simulated inductor failure\nsecond line of the compiler's error")
+    self._compiled_call_impl = fail
+
+
+def test_compile_auto_falls_back_to_eager_with_a_warning_and_the_state_from_before_the_step(make_run, monkeypatch,
+                                                                                            caplog):
+    monkeypatch.setattr(torch.nn.Module, "compile", failing_compile)
+    monkeypatch.setattr(T, "resolve_compile", lambda device, steps: ("on", "patched: this machine compiles"))
+    run = make_run("--compile", "auto")
+    assert run.cfg.compile == "on" and run.compile_pending == "auto"
+    reference = make_run("--compile", "off")  # the same seed: the same weights and the same first batch
+    images, masks, labels = batch_of(run)
+    rng = torch.random.get_rng_state()  # dropout draws: both runs share the process's generator
+    with caplog.at_level(logging.WARNING, logger=T.log.name):
+        row = T.first_compiled_step(run, images, masks, labels)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("compile auto" in w and "RuntimeError: simulated inductor failure" in w for w in warnings), warnings
+    assert not any("second line" in w for w in warnings)
+    assert run.cfg.compile == "off" and T.unwrap(run.model)._compiled_call_impl is None
+    torch.random.set_rng_state(rng)
+    expected = T.train_step(reference, images, masks, labels)  # one eager step from the same start
+    assert torch.equal(row, expected)
+    for name, tensor in T.unwrap(reference.model).state_dict().items():
+        assert torch.equal(tensor, T.unwrap(run.model).state_dict()[name]), name
+
+
+def test_compile_on_stops_with_a_config_error_when_compilation_fails(make_run, monkeypatch):
+    monkeypatch.setattr(torch.nn.Module, "compile", failing_compile)
+    run = make_run("--compile", "on")
+    with pytest.raises(ConfigError, match=r"compile: torch.compile failed .*simulated inductor failure.*--compile off"):
+        T.first_compiled_step(run, *batch_of(run))
+
+
+def test_compile_auto_needs_a_long_run_and_a_code_generator(monkeypatch):
+    import shutil
+    import sys
+    import types
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    assert T.resolve_compile(cpu, T.COMPILE_MIN_STEPS - 1)[0] == "off"
+    assert T.resolve_compile(cpu, T.COMPILE_MIN_STEPS)[0] == "on"
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    choice, why = T.resolve_compile(cpu, 10**6)
+    assert choice == "off" and "C++ compiler" in why
+    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
+    assert T.resolve_compile(cuda, T.COMPILE_MIN_STEPS - 1)[0] == "off"
+    assert T.resolve_compile(cuda, T.COMPILE_MIN_STEPS)[0] == "on"
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton raises ImportError
+    choice, why = T.resolve_compile(cuda, 10**6)
+    assert choice == "off" and "triton" in why
+
+
+def test_channels_last_auto_is_on_for_cpu_and_cuda_with_amp_and_off_for_cuda_in_float32():
+    assert T.resolve_channels_last("off", torch.device("cpu"))[0] == "on"
+    assert T.resolve_channels_last("bf16", torch.device("cuda", 0))[0] == "on"
+    assert T.resolve_channels_last("fp16", torch.device("cuda", 0))[0] == "on"
+    assert T.resolve_channels_last("off", torch.device("cuda", 0))[0] == "off"
+
+
+def test_auto_settings_are_resolved_logged_and_checkpointed_as_their_choice(make_run, caplog):
+    with caplog.at_level(logging.INFO, logger=T.log.name):
+        run = make_run("--channels-last", "auto", "--compile", "auto")  # 8 planned steps: compile auto is off
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("channels_last auto -> on (CPU") for m in messages), messages
+    assert any(m.startswith("compile auto -> off (8 steps") for m in messages), messages
+    assert run.cfg.channels_last == "on" and run.cfg.compile == "off"
+    conv = T.unwrap(run.model).encoder.stages[0][0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    images, _, _ = batch_of(run)
+    assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+    assert T.checkpoint_payload(run)["config"]["channels_last"] == "on"
