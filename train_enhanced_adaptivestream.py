@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import csv
 import importlib
+import importlib.util
 import json
 import logging
 import math
@@ -506,9 +507,7 @@ def resolve_compile(device: torch.device, steps: int) -> tuple[str, str]:
     stops the run, where auto goes on eager with a WARN line.
     """
     if device.type == "cuda":
-        try:
-            import triton  # noqa: F401  (inductor's GPU code generator)
-        except ImportError:
+        if importlib.util.find_spec("triton") is None:  # inductor's GPU code generator
             return "off", "triton is not installed (inductor needs it on CUDA)"
     else:
         compilers = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]

@@ -103,6 +103,7 @@ def test_compile_on_stops_with_a_config_error_when_compilation_fails(make_run, m
 
 
 def test_compile_auto_needs_a_long_run_and_a_code_generator(monkeypatch):
+    import importlib.machinery
     import shutil
     import sys
     import types
@@ -114,10 +115,12 @@ def test_compile_auto_needs_a_long_run_and_a_code_generator(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     choice, why = T.resolve_compile(cpu, 10**6)
     assert choice == "off" and "C++ compiler" in why
-    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
+    triton = types.ModuleType("triton")
+    triton.__spec__ = importlib.machinery.ModuleSpec("triton", None)
+    monkeypatch.setitem(sys.modules, "triton", triton)
     assert T.resolve_compile(cuda, T.COMPILE_MIN_STEPS - 1)[0] == "off"
     assert T.resolve_compile(cuda, T.COMPILE_MIN_STEPS)[0] == "on"
-    monkeypatch.setitem(sys.modules, "triton", None)  # import triton raises ImportError
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if not installed
     choice, why = T.resolve_compile(cuda, 10**6)
     assert choice == "off" and "triton" in why
 
