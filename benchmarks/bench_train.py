@@ -289,11 +289,16 @@ def run_with_model(base: T.Run, model: nn.Module, guarded: bool) -> T.Run:
     if cfg.channels_last == "on":
         model = model.to(memory_format=torch.channels_last)
     optimizer = T.build_optimizer(cfg, model)
+    ema = T.WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if cfg.compile == "on":  # as build_run compiles a training run's model (the first step compiles it)
+        for module in (model, ema.module if ema is not None else None):
+            if module is not None:
+                module.compile()
     return dataclasses.replace(
         base, model=model, optimizer=optimizer, state=T.TrainState(),
         scheduler=T.build_scheduler(cfg, optimizer, len(base.train_loader)),
         guard=T.StepGuard(model, cfg, device) if guarded else None,
-        scaler=T.build_scaler(cfg, device))
+        scaler=T.build_scaler(cfg, device), ema=ema, compile_pending=cfg.compile if cfg.compile == "on" else None)
 
 
 def build_peer(cfg: Config) -> nn.Module:
@@ -308,10 +313,10 @@ def describe_model(model: nn.Module, cfg: Config, device: torch.device) -> dict[
 
 
 def compile_arms(arms: dict[str, T.Run], batch: tuple) -> None:
-    """torch.compile each arm's model in place, as build_run does for a training run, and compile it now
-    (outside the timed steps); compile errors stop with a message instead of a compiler trace."""
+    """Run each compiled arm's first step now, which compiles it (outside the timed steps); compile errors
+    stop with a message instead of a compiler trace."""
     for name, arm in arms.items():
-        T.unwrap(arm.model).compile()
+        arm.compile_pending = None
         try:
             T.train_step(arm, *batch)  # compiles now, outside the timed steps
         except Exception as err:  # inductor raises many types; the chained traceback keeps the real cause
@@ -356,16 +361,17 @@ def prepare_folder_fixture(root: Path, cfg: Config, count: int) -> Config:
 
 
 # ---- time to mIoU ----
-def time_to_miou(cfg: Config, makers: dict[str, Callable[[], nn.Module] | None], target: float,
-                 budget_s: float | None) -> dict[str, Any]:
-    """Epochs and wall-clock seconds until val mIoU >= target, training each model with the real fit().
+def train_side_by_side(cfg: Config, makers: dict[str, Callable[[], nn.Module] | None], targets: dict[str, float],
+                       budget_s: float | None, stop_at_targets: bool = True) -> dict[str, Any]:
+    """Train each model with the real fit(), taking turns one epoch at a time; per model, the epochs and
+    wall-clock seconds until each val metric of `targets` (val_miou, val_cls_acc) first reached its target.
 
-    Models take turns one epoch at a time (drift from other processes hits both alike); each has its
-    own data, optimizer and schedule over cfg.epochs. A model stops at the target, at the end of its
-    schedule, or after budget_s seconds. Seconds include data loading, evaluation and checkpoints, as
-    a user pays them; epochs to the target do not depend on the machine's load at all.
+    Taking turns: drift from other processes hits every model alike. Each model has its own data,
+    optimizer and schedule over cfg.epochs, and stops at the end of its schedule, after budget_s
+    seconds, or (stop_at_targets) once every target is reached. Seconds include data loading,
+    evaluation and checkpoints, as a user pays them; epochs to a target do not depend on the load.
     """
-    curves: dict[str, list[list[float]]] = {}
+    curves: dict[str, list[dict[str, float]]] = {}
     stopped: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
@@ -383,22 +389,29 @@ def time_to_miou(cfg: Config, makers: dict[str, Callable[[], nn.Module] | None],
                 start = time.perf_counter()
                 row = T.fit(run)
                 elapsed[name] += time.perf_counter() - start
-                curves[name].append([run.state.epoch, round(elapsed[name], 1), float(row["val_miou"])])
-                print(f"time-to-mIoU  {name:<6} epoch {run.state.epoch:>2}  val mIoU {row['val_miou']:.4f}  "
-                      f"after {elapsed[name]:.0f} s", file=sys.stderr)
-                if row["val_miou"] >= target:
+                point = {"epoch": run.state.epoch, "seconds": round(elapsed[name], 1),
+                         **{k: float(row[k]) for k in ("val_miou", "val_cls_acc", "train_cls_acc")}}
+                curves[name].append(point)
+                print(f"side by side  {name:<8} epoch {point['epoch']:>2}  val mIoU {point['val_miou']:.4f}  "
+                      f"cls acc {point['val_cls_acc']:.4f}  after {elapsed[name]:.0f} s", file=sys.stderr)
+                if stop_at_targets and all(point[k] >= v for k, v in targets.items()):
                     stopped[name] = "target"
                 elif run.state.epoch >= cfg.epochs:
                     stopped[name] = "schedule"
                 elif budget_s is not None and elapsed[name] >= budget_s:
                     stopped[name] = "budget"
         images_per_epoch = len(runs[next(iter(runs))].train_loader) * cfg.batch_size
-    return {"target": target, "budget_s": budget_s, "schedule_epochs": cfg.epochs, "images_per_epoch": images_per_epoch,
-            "models": {name: {
-                "epochs_to_target": curve[-1][0] if stopped[name] == "target" else None,
-                "seconds_to_target": curve[-1][1] if stopped[name] == "target" else None,
-                "stopped_by": stopped[name], "best_miou": max(m for _, _, m in curve), "seconds_trained": curve[-1][1],
-                "curve_epoch_s_miou": curve} for name, curve in curves.items()}}
+    models = {}
+    for name, curve in curves.items():
+        reached = {k: next((p for p in curve if p[k] >= v), None) for k, v in targets.items()}
+        models[name] = {
+            "stopped_by": stopped[name], "seconds_trained": curve[-1]["seconds"], "final": curve[-1],
+            "best": {k: max(p[k] for p in curve) for k in ("val_miou", "val_cls_acc")},
+            "to_target": {k: None if p is None else {"epoch": p["epoch"], "seconds": p["seconds"]}
+                          for k, p in reached.items()},
+            "curve": curve}
+    return {"targets": targets, "budget_s": budget_s, "schedule_epochs": cfg.epochs,
+            "images_per_epoch": images_per_epoch, "models": models}
 
 
 # ---- report ----
@@ -450,6 +463,7 @@ def measure(args: argparse.Namespace, cfg: Config, argv: list[str]) -> dict[str,
             arms["peer"] = run_with_model(base, build_peer(cfg), guarded=True)
             infos["peer"] = describe_model(arms["peer"].model, cfg, device)
         if cfg.compile == "on":
+            T.unwrap(base.model).compile()  # built eagerly above, for the FLOP count and the peak memory
             compile_arms(arms, batches[0])
         times = time_interleaved(arms, batches, args.steps, args.warmup)
         matmul = measure_matmul_gflops(device)
@@ -487,12 +501,13 @@ def measure(args: argparse.Namespace, cfg: Config, argv: list[str]) -> dict[str,
         makers: dict[str, Callable[[], nn.Module] | None] = {"ours": None}
         if args.peer:
             makers["peer"] = lambda: build_peer(cfg)
-        ttm = result["time_to_miou"] = time_to_miou(cfg, makers, args.time_to_miou, args.budget_s)
+        ttm = result["time_to_miou"] = train_side_by_side(cfg, makers, {"val_miou": args.time_to_miou}, args.budget_s)
         # Epochs to the target (load-independent) x training seconds per epoch at the interleaved rates.
         for name, model in ttm["models"].items():
-            if model["epochs_to_target"] is not None:
+            reached = model["to_target"]["val_miou"]
+            if reached is not None:
                 model["train_s_to_target_at_interleaved_rate"] = (
-                    model["epochs_to_target"] * ttm["images_per_epoch"] / result[name]["train_images_per_s"])
+                    reached["epoch"] * ttm["images_per_epoch"] / result[name]["train_images_per_s"])
     result["seconds"] = time.perf_counter() - started
     return result
 
@@ -534,12 +549,14 @@ def format_table(result: dict[str, Any]) -> str:
     if "time_to_miou" in result:
         ttm = result["time_to_miou"]
         for name, model in ttm["models"].items():
-            if model["epochs_to_target"] is None:
+            hit = model["to_target"]["val_miou"]
+            if hit is None:
                 reached = f"not reached ({model['stopped_by']})"
             else:
-                reached = (f"epoch {model['epochs_to_target']}, {model['seconds_to_target']:.0f} s wall, "
+                reached = (f"epoch {hit['epoch']}, {hit['seconds']:.0f} s wall, "
                            f"{model['train_s_to_target_at_interleaved_rate']:.0f} s at the interleaved rate")
-            lines.append(f"  val mIoU {ttm['target']:.2f}, {name}: {reached}; best {model['best_miou']:.4f}")
+            lines.append(f"  val mIoU {ttm['targets']['val_miou']:.2f}, {name}: {reached}; "
+                         f"best {model['best']['val_miou']:.4f}")
     lines.append(f"  ({result['seconds']:.0f} s in all)")
     return "\n".join(lines)
 
