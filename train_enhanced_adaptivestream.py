@@ -2087,6 +2087,8 @@ def main(argv: list[str] | None = None) -> int:
         return conclude(run)
     except (ConfigError, DataError, CheckpointError) as err:
         (log.error if handlers else lambda m, e: print(m % e, file=sys.stderr))("error: %s", err)
+        if run is not None:  # raised once training had started (--compile on failing, --tensorboard missing)
+            return end_run(run, "failed", f"error: {err}", 2)
         return 2
     except TrainingFailed as err:  # every rank fails at the same step with the same message: rank 0 says it
         (log.error if run.is_main else log.info)("training failed: %s", err)

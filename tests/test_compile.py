@@ -5,13 +5,13 @@ the run under `on` and falls back to eager under `auto`.
 Compiling the tiny model on CPU takes ~10-20 s (inductor's C++ code generation): these tests share one run."""
 
 import copy
+import json
 import logging
 
 import pytest
 import torch
 
 import train_enhanced_adaptivestream as T
-from config import ConfigError
 
 
 @pytest.fixture
@@ -95,11 +95,17 @@ def test_compile_auto_falls_back_to_eager_with_a_warning_and_the_state_from_befo
         assert torch.equal(tensor, T.unwrap(run.model).state_dict()[name]), name
 
 
-def test_compile_on_stops_with_a_config_error_when_compilation_fails(make_run, monkeypatch):
+def test_compile_on_stops_the_run_with_exit_2_and_an_end_event_when_compilation_fails(tiny_args, tmp_path,
+                                                                                        monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "compile", failing_compile)
-    run = make_run("--compile", "on")
-    with pytest.raises(ConfigError, match=r"compile: torch.compile failed .*simulated inductor failure.*--compile off"):
-        T.first_compiled_step(run, *batch_of(run))
+    assert T.main(tiny_args + ["--compile", "on"]) == 2
+    log_text = (tmp_path / "run" / "train.log").read_text()
+    assert ("error: compile: torch.compile failed in the first training step (RuntimeError: simulated inductor "
+            "failure); run with --compile off") in log_text
+    events = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    end = events[-1]
+    assert end["event"] == "end" and end["outcome"] == "failed" and end["exit_code"] == 2
+    assert "simulated inductor failure" in end["reason"]
 
 
 def test_compile_auto_needs_a_long_run_and_a_code_generator(monkeypatch):
