@@ -155,6 +155,14 @@ def test_checkpoint_validation_names_the_file_and_the_problem(tmp_path, tiny_arg
         T.load_checkpoint(path, cfg)
     with pytest.raises(T.CheckpointError, match="missing.pt does not exist"):
         T.load_checkpoint(tmp_path / "missing.pt")
+    payload = torch.load(path, weights_only=True)  # an earlier layout: one block fewer at stride 4
+    payload["model"] = {k: v for k, v in payload["model"].items() if not k.startswith("encoder.stages.1.2.")}
+    old = tmp_path / "old_layout.pt"
+    torch.save(payload, old)
+    with pytest.raises(T.CheckpointError, match=r"old_layout.pt holds weights of another model layout .*\(missing: "
+                                                r"encoder.stages.1.2.body.0.0.weight, .* \(\d+\)\): it was written by "
+                                                r"an earlier version"):
+        T.load_checkpoint(old)
 
 
 def test_resume_from_a_bad_checkpoint_exits_2(tmp_path, tiny_args, capsys):
