@@ -362,21 +362,22 @@ def prepare_folder_fixture(root: Path, cfg: Config, count: int) -> Config:
 
 # ---- time to mIoU ----
 def train_side_by_side(cfg: Config, makers: dict[str, Callable[[], nn.Module] | None], targets: dict[str, float],
-                       budget_s: float | None, stop_at_targets: bool = True) -> dict[str, Any]:
+                       budget_s: float | None, stop_at_targets: bool = True,
+                       epochs: dict[str, int] | None = None) -> dict[str, Any]:
     """Train each model with the real fit(), taking turns one epoch at a time; per model, the epochs and
     wall-clock seconds until each val metric of `targets` (val_miou, val_cls_acc) first reached its target.
 
     Taking turns: drift from other processes hits every model alike. Each model has its own data,
-    optimizer and schedule over cfg.epochs, and stops at the end of its schedule, after budget_s
+    optimizer and schedule over cfg.epochs (or its entry of `epochs`), and stops at the end of its schedule, after budget_s
     seconds, or (stop_at_targets) once every target is reached. Seconds include data loading,
     evaluation and checkpoints, as a user pays them; epochs to a target do not depend on the load.
     """
     curves: dict[str, list[dict[str, float]]] = {}
     stopped: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {}
+        runs, planned = {}, {name: (epochs or {}).get(name, cfg.epochs) for name in makers}
         for name, make in makers.items():
-            run_cfg = Config(**{**cfg.to_dict(), "out_dir": str(Path(tmp) / name)})
+            run_cfg = Config(**{**cfg.to_dict(), "out_dir": str(Path(tmp) / name), "epochs": planned[name]})
             Path(run_cfg.out_dir).mkdir()
             base = T.build_run(run_cfg, Path(run_cfg.out_dir))
             runs[name] = base if make is None else run_with_model(base, make(), guarded=True)
@@ -396,7 +397,7 @@ def train_side_by_side(cfg: Config, makers: dict[str, Callable[[], nn.Module] | 
                       f"cls acc {point['val_cls_acc']:.4f}  after {elapsed[name]:.0f} s", file=sys.stderr)
                 if stop_at_targets and all(point[k] >= v for k, v in targets.items()):
                     stopped[name] = "target"
-                elif run.state.epoch >= cfg.epochs:
+                elif run.state.epoch >= planned[name]:
                     stopped[name] = "schedule"
                 elif budget_s is not None and elapsed[name] >= budget_s:
                     stopped[name] = "budget"
@@ -405,7 +406,7 @@ def train_side_by_side(cfg: Config, makers: dict[str, Callable[[], nn.Module] | 
     for name, curve in curves.items():
         reached = {k: next((p for p in curve if p[k] >= v), None) for k, v in targets.items()}
         models[name] = {
-            "stopped_by": stopped[name], "seconds_trained": curve[-1]["seconds"], "final": curve[-1],
+            "schedule_epochs": planned[name], "stopped_by": stopped[name], "seconds_trained": curve[-1]["seconds"], "final": curve[-1],
             "best": {k: max(p[k] for p in curve) for k in ("val_miou", "val_cls_acc")},
             "to_target": {k: None if p is None else {"epoch": p["epoch"], "seconds": p["seconds"]}
                           for k, p in reached.items()},

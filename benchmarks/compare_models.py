@@ -45,7 +45,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config]:
                                      description=__doc__.splitlines()[0],
                                      epilog="Any other flag is a training setting shared by every model.")
     parser.add_argument("--models", default="adaptivestream,resnet18",
-                        help="comma-separated: backbones of config.py and/or smp (default adaptivestream,resnet18)")
+                        help="comma-separated: backbones of config.py and/or smp, each optionally with :EPOCHS, its "
+                             "own schedule length (default adaptivestream,resnet18: --epochs each)")
     parser.add_argument("--precisions", default="off,bf16", help="AMP settings to time, comma-separated (default off,bf16)")
     parser.add_argument("--steps", type=int, default=8, help="timed training steps per arm (default 8)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per arm first (default 2)")
@@ -58,7 +59,16 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config]:
     args, rest = parser.parse_known_args(argv)
     cfg = load_config(rest, prog="compare_models.py", own_flags=parser_flags(parser))
     backbones = _CHOICES["BACKBONE"]
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.epochs = {}
+    models = []
+    for entry in (m.strip() for m in args.models.split(",") if m.strip()):
+        name, _, epochs = entry.partition(":")
+        if epochs:
+            if not epochs.isdigit() or int(epochs) < 1:
+                raise ConfigError(f"--models: {entry!r}: the epochs after ':' must be a whole number >= 1")
+            args.epochs[name] = int(epochs)
+        models.append(name)
+    args.models = models
     for name in args.models:
         if name != "smp" and name not in backbones:
             raise ConfigError(f"--models: {name!r} is neither smp nor a backbone ({', '.join(backbones)})")
@@ -121,7 +131,7 @@ def markdown(result: dict[str, Any]) -> str:
         name = "fp32" if p == "off" else p
         head += [f"train img/s {name}", f"eval img/s {name}"]
     if targets:
-        head += [f"val mIoU {targets['val_miou']:.2f} at", f"val cls acc {targets['val_cls_acc']:.2f} at",
+        head += ["epochs", f"val mIoU {targets['val_miou']:.2f} at", f"val cls acc {targets['val_cls_acc']:.2f} at",
                  "final val mIoU", "final val cls acc", "best cls acc", "training time"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name in result["models"]:
@@ -135,13 +145,14 @@ def markdown(result: dict[str, Any]) -> str:
             def at(hit: dict[str, float] | None) -> str:
                 return "not reached" if hit is None else f"epoch {hit['epoch']}, {hit['seconds']:.0f} s"
 
-            row += [at(trained["to_target"]["val_miou"]), at(trained["to_target"]["val_cls_acc"]),
+            row += [str(trained["schedule_epochs"]), at(trained["to_target"]["val_miou"]),
+                    at(trained["to_target"]["val_cls_acc"]),
                     f"{trained['final']['val_miou']:.3f}", f"{trained['final']['val_cls_acc']:.3f}",
                     f"{trained['best']['val_cls_acc']:.3f}", f"{trained['seconds_trained']:.0f} s"]
         lines.append("| " + " | ".join(row) + " |")
     machine = result["machine"]
     lines.append("")
-    lines.append(f"{s['dataset']} {s['image_size']}x{s['image_size']}, batch {s['batch_size']}, {s['epochs']} epochs, "
+    lines.append(f"{s['dataset']} {s['image_size']}x{s['image_size']}, batch {s['batch_size']}, "
                  f"training amp {s['amp']}, channels_last {s['channels_last']}, compile {result['compile']}; "
                  f"{machine['cpu']}, {machine['torch_threads']} threads, {machine['device']}; {result['seconds']:.0f} s "
                  f"in all. `{result['command']}`")
@@ -167,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                 train_cfg.backbone = first
             result["training"] = B.train_side_by_side(
                 train_cfg, train_makers, {"val_miou": args.target_miou, "val_cls_acc": args.target_cls_acc},
-                args.budget_s, stop_at_targets=False)
+                args.budget_s, stop_at_targets=False, epochs=args.epochs)
             cfg = train_cfg
-        result["settings"] = {**{k: getattr(cfg, k) for k in ("dataset", "image_size", "batch_size", "epochs", "seed")},
+        result["settings"] = {**{k: getattr(cfg, k) for k in ("dataset", "image_size", "batch_size", "seed")},
                               **result["resolved"]}
     except (ConfigError, DataError, B.BenchError) as err:
         print(f"error: {err}", file=sys.stderr)
