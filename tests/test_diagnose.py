@@ -25,9 +25,10 @@ HEALTHY = TINY + ["--width", "8", "--decoder-channels", "16", "--stream-channels
 def healthy_run(tmp_path_factory):
     """A real tiny training run: its folder (metrics.csv, steps.jsonl, train.log, config.yaml, last.pt)."""
     run = tmp_path_factory.mktemp("healthy") / "run"
-    # 64 train / 32 val images, 6 epochs: both heads clear the verdict's bar (4 epochs left cls at its baseline).
-    assert T.main(HEALTHY + ["--out-dir", str(run), "--bn-recalibrate", "2", "--epochs", "6", "--base-lr", "3e-3",
-                             "--cls-weight", "1", "--synthetic-train-size", "64", "--synthetic-val-size", "32",
+    # 128 train / 32 val images, 6 epochs: both heads clear the verdict's bar (4 epochs left cls at its baseline;
+    # with 64 images the residual encoder memorised them: train cls acc 0.69-0.75, val 0.44-0.50).
+    assert T.main(HEALTHY + ["--out-dir", str(run), "--bn-recalibrate", "2", "--epochs", "6", "--base-lr", "2e-3",
+                             "--cls-weight", "1", "--synthetic-train-size", "128", "--synthetic-val-size", "32",
                              "--vis-every", "0", "--hflip", "0.5"]) == 0
     return run
 
@@ -258,11 +259,11 @@ def test_poisoned_batchnorm_statistics_fail_and_the_layer_is_named(healthy_run):
     loss_fn = T.build_loss(cfg)
     healthy = D.check_batchnorm(model, batches, loss_fn, cfg)[0]
     assert healthy.status == "PASS", healthy.value
-    model.encoder.stages[1][0][1].running_var.mul_(1e-4)  # poisoned: every activation of the layer x100 in eval
+    model.encoder.stages[1][1][1].running_var.mul_(1e-4)  # poisoned: every activation of the layer x100 in eval
     (check,) = D.check_batchnorm(model, batches, loss_fn, cfg, setup.loader)
     assert check.status == "FAIL"
-    assert max(check.details["distances"], key=check.details["distances"].get) == "encoder.stages.1.0.1"
-    assert "furthest: encoder.stages.1.0.1 (" in check.value
+    assert max(check.details["distances"], key=check.details["distances"].get) == "encoder.stages.1.1.1"
+    assert "furthest: encoder.stages.1.1.1 (" in check.value
     assert "--bn-recalibrate" in check.fix and "after recalibrating" in check.fix
 
 
