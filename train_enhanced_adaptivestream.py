@@ -1171,8 +1171,16 @@ def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor, labels: torc
                         reason.float(), correct])
 
 
+def compile_in_place(modules: Iterable[nn.Module | None]) -> None:
+    """nn.Module.compile() each module: state dicts keep their plain keys, and whoever calls the module
+    (training, evaluation, DDP) calls the compiled forward. Tracing and compilation happen at the first call."""
+    for module in modules:
+        if module is not None:
+            module.compile()
+
+
 def uncompile(modules: Iterable[nn.Module | None]) -> None:
-    """Undo nn.Module.compile(): the modules' forward runs eagerly again."""
+    """Undo compile_in_place: the modules' forward runs eagerly again."""
     for module in modules:
         if module is not None:
             module._compiled_call_impl = None
@@ -1957,12 +1965,8 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     if cfg.compile == "auto":
         cfg.compile, why = resolve_compile(device, cfg.epochs * steps_per_epoch)
         log.info("compile auto -> %s (%s)", cfg.compile, why)
-    if cfg.compile == "on":
-        # In place (nn.Module.compile): state dicts keep their plain keys, and evaluation, the EMA model and
-        # DDP all call the compiled forward. Tracing and compilation happen in the first step (timed, logged).
-        for module in (unwrap(model), ema.module if ema is not None else None):
-            if module is not None:
-                module.compile()
+    if cfg.compile == "on":  # the first step compiles (first_compiled_step: timed, logged, falls back under auto)
+        compile_in_place([unwrap(model), ema.module if ema is not None else None])
     return Run(cfg=cfg, model=model, loss_fn=build_loss(cfg).to(device), optimizer=optimizer, scheduler=scheduler,
                guard=guard, device=device, train_loader=train_loader, val_loader=val_loader, run_dir=run_dir,
                steps_per_epoch=steps_per_epoch, scaler=build_scaler(cfg, device), rank=rank, world_size=world_size,

@@ -291,9 +291,7 @@ def run_with_model(base: T.Run, model: nn.Module, guarded: bool) -> T.Run:
     optimizer = T.build_optimizer(cfg, model)
     ema = T.WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if cfg.compile == "on":  # as build_run compiles a training run's model (the first step compiles it)
-        for module in (model, ema.module if ema is not None else None):
-            if module is not None:
-                module.compile()
+        T.compile_in_place([model, ema.module if ema is not None else None])
     return dataclasses.replace(
         base, model=model, optimizer=optimizer, state=T.TrainState(),
         scheduler=T.build_scheduler(cfg, optimizer, len(base.train_loader)),
@@ -368,9 +366,10 @@ def train_side_by_side(cfg: Config, makers: dict[str, Callable[[], nn.Module] | 
     wall-clock seconds until each val metric of `targets` (val_miou, val_cls_acc) first reached its target.
 
     Taking turns: drift from other processes hits every model alike. Each model has its own data,
-    optimizer and schedule over cfg.epochs (or its entry of `epochs`), and stops at the end of its schedule, after budget_s
-    seconds, or (stop_at_targets) once every target is reached. Seconds include data loading,
-    evaluation and checkpoints, as a user pays them; epochs to a target do not depend on the load.
+    optimizer and schedule over cfg.epochs (or its entry of `epochs`), and stops at the end of its
+    schedule, after budget_s seconds, or (stop_at_targets) once every target is reached. Seconds include
+    data loading, evaluation and checkpoints, as a user pays them; epochs to a target do not depend on
+    the load.
     """
     curves: dict[str, list[dict[str, float]]] = {}
     stopped: dict[str, str] = {}
@@ -406,7 +405,8 @@ def train_side_by_side(cfg: Config, makers: dict[str, Callable[[], nn.Module] | 
     for name, curve in curves.items():
         reached = {k: next((p for p in curve if p[k] >= v), None) for k, v in targets.items()}
         models[name] = {
-            "schedule_epochs": planned[name], "stopped_by": stopped[name], "seconds_trained": curve[-1]["seconds"], "final": curve[-1],
+            "schedule_epochs": planned[name], "stopped_by": stopped[name], "seconds_trained": curve[-1]["seconds"],
+            "final": curve[-1],
             "best": {k: max(p[k] for p in curve) for k in ("val_miou", "val_cls_acc")},
             "to_target": {k: None if p is None else {"epoch": p["epoch"], "seconds": p["seconds"]}
                           for k, p in reached.items()},
@@ -464,7 +464,7 @@ def measure(args: argparse.Namespace, cfg: Config, argv: list[str]) -> dict[str,
             arms["peer"] = run_with_model(base, build_peer(cfg), guarded=True)
             infos["peer"] = describe_model(arms["peer"].model, cfg, device)
         if cfg.compile == "on":
-            T.unwrap(base.model).compile()  # built eagerly above, for the FLOP count and the peak memory
+            T.compile_in_place([T.unwrap(base.model)])  # built eagerly above, for the FLOP count and the peak memory
             compile_arms(arms, batches[0])
         times = time_interleaved(arms, batches, args.steps, args.warmup)
         matmul = measure_matmul_gflops(device)

@@ -47,7 +47,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config]:
     parser.add_argument("--models", default="adaptivestream,resnet18",
                         help="comma-separated: backbones of config.py and/or smp, each optionally with :EPOCHS, its "
                              "own schedule length (default adaptivestream,resnet18: --epochs each)")
-    parser.add_argument("--precisions", default="off,bf16", help="AMP settings to time, comma-separated (default off,bf16)")
+    parser.add_argument("--precisions", default="off,bf16",
+                        help="AMP settings to time, comma-separated (default off,bf16)")
     parser.add_argument("--steps", type=int, default=8, help="timed training steps per arm (default 8)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per arm first (default 2)")
     parser.add_argument("--eval-batches", type=int, default=4, help="batches in the eval timing (default 4)")
@@ -154,7 +155,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"{s['dataset']} {s['image_size']}x{s['image_size']}, batch {s['batch_size']}, "
                  f"training amp {s['amp']}, channels_last {s['channels_last']}, compile {result['compile']}; "
-                 f"{machine['cpu']}, {machine['torch_threads']} threads, {machine['device']}; {result['seconds']:.0f} s "
+                 f"{machine['cpu']}, {machine['torch_threads']} threads, {machine['device']}; "
+                 f"{result['seconds']:.0f} s "
                  f"in all. `{result['command']}`")
     return "\n".join(lines)
 

@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmark failed: {err}", file=sys.stderr)
         return 1
     s, m = result["settings"], result["machine"]
-    print(f"{s['backbone']}, {s['image_size']}x{s['image_size']}, batch {s['batch_size']}, amp {s['amp']}, {s['device']} "
+    print(f"{s['backbone']}, {s['image_size']}x{s['image_size']}, batch {s['batch_size']}, amp {s['amp']}, "
+          f"{s['device']} "
           f"({m['cpu']}, {m['torch_threads']} threads); median of {s['steps']} interleaved rounds")
     print("| arm | train img/s | speed-up vs eager (per-round median, quartiles) | first step (compilation) |")
     print("| --- | --- | --- | --- |")

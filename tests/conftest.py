@@ -14,7 +14,8 @@ from config import load_config  # noqa: E402
 TINY = ["--image-size", "32", "--width", "4", "--stream-channels", "16", "--decoder-channels", "4",
         "--synthetic-train-size", "16", "--synthetic-val-size", "8", "--batch-size", "4", "--epochs", "2",
         "--warmup-epochs", "0.5", "--log-interval", "2", "--device", "cpu",
-        # auto settings depend on the machine (amp auto picks bf16 on CPUs with AMX): the same numbers everywhere need them fixed.
+        # auto settings depend on the machine (amp auto picks bf16 on CPUs with AMX): fixed, for the same
+        # numbers everywhere.
         "--amp", "off", "--channels-last", "off", "--compile", "off",
         # 8 steps do not learn the task (val mIoU ~0.15 against a majority-class baseline of 0.21): these runs test
         # the plumbing, so the verdict is logged but does not set the exit code. test_verdict.py tests it.
