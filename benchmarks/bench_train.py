@@ -1,6 +1,6 @@
 """Benchmark what a user pays for: speed, memory and guard overhead of the real training step.
 
-    python benchmarks/bench_train.py                           # CPU, default model, under 3 minutes
+    python benchmarks/bench_train.py                           # CPU, default model (compiled, as the default run)
     python benchmarks/bench_train.py --peer smp --json bench.json
     python benchmarks/bench_train.py --device cuda --amp bf16 --channels-last on --compile on
     python benchmarks/bench_train.py --time-to-miou 0.85 --peer smp --budget-s 1800
