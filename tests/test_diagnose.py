@@ -27,7 +27,7 @@ def healthy_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("healthy") / "run"
     # 128 train / 32 val images, 6 epochs: both heads clear the verdict's bar (4 epochs left cls at its baseline;
     # with 64 images the residual encoder memorised them: train cls acc 0.69-0.75, val 0.44-0.50).
-    assert T.main(HEALTHY + ["--out-dir", str(run), "--bn-recalibrate", "2", "--epochs", "6", "--base-lr", "2e-3",
+    assert T.main(HEALTHY + ["--out-dir", str(run), "--bn-recalibrate", "2", "--epochs", "6", "--base-lr", "1e-3",
                              "--cls-weight", "1", "--synthetic-train-size", "128", "--synthetic-val-size", "32",
                              "--vis-every", "0", "--hflip", "0.5"]) == 0
     return run
