@@ -116,7 +116,7 @@ class BuiltinEncoder(nn.Module):
     Stage i (stride 2**(i+1)) has width * 2**i channels and BLOCKS[i] residual blocks after its entry
     (a stride-2 conv, or the max-pool and a 3x3 conv at stride 4). On real digits (benchmarks/README.md)
     this layout learned classification in fewer epochs than the earlier one (plain stride-2 convs, one
-    block at strides 8-32) and as fast as a ResNet-18 encoder, at a fraction of its cost.
+    block at strides 8-32): val accuracy 0.90 vs 0.79 at epoch 15 of 30, 0.96 vs 0.89 at the end.
     """
 
     BLOCKS = (0, 1, 2, 2, 2)  # residual blocks at strides 2, 4, 8, 16, 32

@@ -154,7 +154,7 @@ def markdown(result: dict[str, Any]) -> str:
     machine = result["machine"]
     lines.append("")
     lines.append(f"{s['dataset']} {s['image_size']}x{s['image_size']}, batch {s['batch_size']}, "
-                 f"training amp {s['amp']}, channels_last {s['channels_last']}, compile {result['compile']}; "
+                 f"training amp {s['amp']}, channels_last {s['channels_last']}, compile {'on' if result['compile'] else 'off'}; "
                  f"{machine['cpu']}, {machine['torch_threads']} threads, {machine['device']}; "
                  f"{result['seconds']:.0f} s "
                  f"in all. `{result['command']}`")
