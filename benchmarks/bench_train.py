@@ -562,17 +562,30 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def run_measurement(measure: Callable[[], Any]) -> tuple[int, Any]:
+    """(0, measure()) or, with the error printed, (2, None) for bad usage or input and (1, None) for a
+    measurement that failed: the exit codes of every benchmark script."""
     try:
-        args, cfg = parse_args(argv)
-        result = measure(args, cfg, argv)
+        return 0, measure()
     except (ConfigError, DataError, BenchError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return 2, None
     except BenchFailed as err:
         print(f"benchmark failed: {err}", file=sys.stderr)
-        return 1
+        return 1, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def parse_and_measure() -> tuple[argparse.Namespace, dict[str, Any]]:
+        args, cfg = parse_args(argv)
+        return args, measure(args, cfg, argv)
+
+    code, measured = run_measurement(parse_and_measure)
+    if code:
+        return code
+    args, result = measured
     print(format_table(result), file=sys.stderr)
     text = json.dumps(result, indent=2, allow_nan=False)
     if args.json:

@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_enhanced_adaptivestream as T  # noqa: E402
 import bench_train as B  # noqa: E402
 from config import _CHOICES, Config, ConfigError, load_config, parser_flags  # noqa: E402
-from data import DataError  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config]:
@@ -154,43 +153,45 @@ def markdown(result: dict[str, Any]) -> str:
     machine = result["machine"]
     lines.append("")
     lines.append(f"{s['dataset']} {s['image_size']}x{s['image_size']}, batch {s['batch_size']}, "
-                 f"training amp {s['amp']}, channels_last {s['channels_last']}, compile {'on' if result['compile'] else 'off'}; "
+                 f"training amp {s['amp']}, channels_last {s['channels_last']}, "
+                 f"compile {'on' if result['compile'] else 'off'}; "
                  f"{machine['cpu']}, {machine['torch_threads']} threads, {machine['device']}; "
                  f"{result['seconds']:.0f} s "
                  f"in all. `{result['command']}`")
     return "\n".join(lines)
 
 
+def compare(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """Every figure of the comparison, as one JSON-ready dict."""
+    started = time.perf_counter()
+    args, cfg = parse_args(argv)
+    makers = {name: model_maker(name, cfg) for name in args.models}
+    result: dict[str, Any] = {"command": " ".join(["python", "benchmarks/compare_models.py", *argv]),
+                              "models": args.models, "precisions": args.precisions}
+    result.update(measure_speed(args, cfg, makers))
+    result["machine"] = B.describe_machine(T.resolve_device(cfg.device))
+    if not args.no_train:
+        train_cfg = Config(**{**cfg.to_dict(), "compile": "on" if result["compile"] else "off"})
+        first = args.models[0]
+        train_makers = {name: (None if name == first and name != "smp" else make) for name, make in makers.items()}
+        if first != "smp":
+            train_cfg.backbone = first
+        result["training"] = B.train_side_by_side(
+            train_cfg, train_makers, {"val_miou": args.target_miou, "val_cls_acc": args.target_cls_acc},
+            args.budget_s, stop_at_targets=False, epochs=args.epochs)
+        cfg = train_cfg
+    result["settings"] = {**{k: getattr(cfg, k) for k in ("dataset", "image_size", "batch_size", "seed")},
+                          **result["resolved"]}
+    result["seconds"] = time.perf_counter() - started
+    return args, result
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    started = time.perf_counter()
-    try:
-        args, cfg = parse_args(argv)
-        makers = {name: model_maker(name, cfg) for name in args.models}
-        result: dict[str, Any] = {"command": " ".join(["python", "benchmarks/compare_models.py", *argv]),
-                                  "models": args.models, "precisions": args.precisions}
-        result.update(measure_speed(args, cfg, makers))
-        device = T.resolve_device(cfg.device)
-        result["machine"] = B.describe_machine(device)
-        if not args.no_train:
-            train_cfg = Config(**{**cfg.to_dict(), "compile": "on" if result["compile"] else "off"})
-            first = args.models[0]
-            train_makers = {name: (None if name == first and name != "smp" else make) for name, make in makers.items()}
-            if first != "smp":
-                train_cfg.backbone = first
-            result["training"] = B.train_side_by_side(
-                train_cfg, train_makers, {"val_miou": args.target_miou, "val_cls_acc": args.target_cls_acc},
-                args.budget_s, stop_at_targets=False, epochs=args.epochs)
-            cfg = train_cfg
-        result["settings"] = {**{k: getattr(cfg, k) for k in ("dataset", "image_size", "batch_size", "seed")},
-                              **result["resolved"]}
-    except (ConfigError, DataError, B.BenchError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except B.BenchFailed as err:
-        print(f"comparison failed: {err}", file=sys.stderr)
-        return 1
-    result["seconds"] = time.perf_counter() - started
+    code, measured = B.run_measurement(lambda: compare(argv))
+    if code:
+        return code
+    args, result = measured
     print(markdown(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, allow_nan=False))

@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_enhanced_adaptivestream as T  # noqa: E402
 import bench_train as B  # noqa: E402
 from config import Config, ConfigError, load_config, parser_flags  # noqa: E402
-from data import DataError  # noqa: E402
 
 ARMS = {"eager": ("off", "off"), "channels_last": ("on", "off"), "compile": ("off", "on"),
         "channels_last+compile": ("on", "on")}
@@ -94,15 +93,15 @@ def measure(args: argparse.Namespace, cfg: Config) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
+
+    def parse_and_measure() -> tuple[argparse.Namespace, dict]:
         args, cfg = parse_args(argv)
-        result = measure(args, cfg)
-    except (ConfigError, DataError, B.BenchError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except B.BenchFailed as err:
-        print(f"benchmark failed: {err}", file=sys.stderr)
-        return 1
+        return args, measure(args, cfg)
+
+    code, measured = B.run_measurement(parse_and_measure)
+    if code:
+        return code
+    args, result = measured
     s, m = result["settings"], result["machine"]
     print(f"{s['backbone']}, {s['image_size']}x{s['image_size']}, batch {s['batch_size']}, amp {s['amp']}, "
           f"{s['device']} "
