@@ -766,8 +766,11 @@ def check_checkpoint(payload: dict[str, Any], path: str | Path, cfg: Config) -> 
                 f"{state.get('best_miou', float('nan')):.4f} at epoch {state.get('best_epoch')}, "
                 f"{sum(state.get('skipped', {}).values())} skipped steps")
     problem = ""
-    try:
+    try:  # first against its own settings: a checkpoint of an earlier model layout is named as such
+        T.check_model_layout(path, payload)
         T.build_model(cfg).load_state_dict(payload["model"])
+    except T.CheckpointError as err:
+        problem = str(err)
     except RuntimeError as err:
         problem = " ".join(str(err).split())[:300]
     if not problem and not bad:

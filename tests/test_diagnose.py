@@ -398,13 +398,23 @@ def test_an_ordinary_gradient_above_skip_grad_norm_fails_grad_norm_and_names_the
 
 
 def test_a_checkpoint_of_another_width_fails_checkpoint_compatible(tmp_path):
-    cfg = load_config(TINY)
-    payload = {"format": T.CHECKPOINT_FORMAT, "model": T.build_model(load_config(TINY + ["--width", "8"])).state_dict(),
-               "config": {}, "state": {}}
+    cfg, other = load_config(TINY), load_config(TINY + ["--width", "8"])
+    payload = {"format": T.CHECKPOINT_FORMAT, "model": T.build_model(other).state_dict(), "config": vars(other),
+               "state": {}}
     checks, usable = D.check_checkpoint(payload, tmp_path / "other.pt", cfg)
     compatible = by_name(checks, "checkpoint.compatible")
     assert compatible.status == "FAIL" and "size mismatch" in compatible.value and not usable
     assert by_name(checks, "checkpoint.finite").status == "PASS"
+
+
+def test_a_checkpoint_of_an_earlier_model_layout_is_named_as_such(tmp_path):
+    cfg = load_config(TINY)
+    model = {k: v for k, v in T.build_model(cfg).state_dict().items() if not k.startswith("encoder.stages.1.2.")}
+    payload = {"format": T.CHECKPOINT_FORMAT, "model": model, "config": vars(cfg), "state": {}}
+    checks, usable = D.check_checkpoint(payload, tmp_path / "old.pt", cfg)
+    compatible = by_name(checks, "checkpoint.compatible")
+    assert compatible.status == "FAIL" and "written by an earlier version" in compatible.value and not usable
+    assert "Missing key" not in compatible.value
 
 
 def metrics_row(epoch, train_loss):
