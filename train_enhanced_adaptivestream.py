@@ -1097,6 +1097,7 @@ class Run:
     baselines: Baselines | None = None  # what a model that learned nothing scores on this data
     ema: WeightEMA | None = None  # the averaged weights that are evaluated and saved (EMA_DECAY > 0)
     compile_pending: str | None = None  # COMPILE as asked (auto | on) until the first compiled step has run
+    eval_compile_pending: str | None = None  # the same until the first compiled evaluation (eval mode: its own graph)
 
     def eval_model(self) -> nn.Module:
         """The model evaluations, prediction grids and best.pt's inference weights come from."""
@@ -1186,28 +1187,52 @@ def uncompile(modules: Iterable[nn.Module | None]) -> None:
             module._compiled_call_impl = None
 
 
+def compile_failed(run: Run, asked: str, where: str, err: Exception) -> None:
+    """A compilation failed: under COMPILE on stop the run (exit 2); under auto un-compile the model (and
+    the EMA model), log a WARN line naming the error, and let the caller go on eagerly."""
+    what = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+    if asked == "on":
+        raise ConfigError(f"compile: torch.compile failed in {where} ({what}); "
+                          f"run with --compile off (or auto, which falls back to eager)") from err
+    uncompile([unwrap(run.model), run.ema.module if run.ema is not None else None])
+    run.cfg.compile, run.compile_pending, run.eval_compile_pending = "off", None, None
+    log.warning("compile auto: torch.compile failed in %s (%s); going on without it (eager). --compile off "
+                "skips the attempt", where, what)
+
+
 def first_compiled_step(run: Run, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """train_step of a compiled model for the first time: torch.compile traces and compiles here (logged
-    with its time). If that fails, COMPILE on stops the run (exit 2); auto puts the training state back
-    as it was before the step, logs a WARN line naming the error and trains on without compiling."""
+    with its time). If that fails, compile_failed decides; under auto the training state goes back to
+    where it was before the step, and the step runs again eagerly."""
     asked, saved, started = run.compile_pending, take_snapshot(run), time.perf_counter()
     run.compile_pending = None
     try:
         result = train_step(run, images, masks, labels)
         result.tolist()  # wait for the step: the time below is the compilation's, and errors surface here
     except Exception as err:  # dynamo and inductor raise many types; the chained traceback keeps the cause
-        what = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-        if asked == "on":
-            raise ConfigError(f"compile: torch.compile failed in the first training step ({what}); "
-                              f"run with --compile off (or auto, which falls back to eager)") from err
+        compile_failed(run, asked, "the first training step", err)
         restore_training_state(run, saved)
-        uncompile([unwrap(run.model), run.ema.module if run.ema is not None else None])
-        run.cfg.compile = "off"
-        log.warning("compile auto: torch.compile failed in the first training step (%s); training on without "
-                    "it (eager). --compile off skips the attempt", what)
         return train_step(run, images, masks, labels)
     log.info("compile: the first step (tracing and compilation) took %.1f s", time.perf_counter() - started)
     return result
+
+
+def evaluate_run(run: Run, model: nn.Module) -> dict[str, Any]:
+    """evaluate() on the val split; the first one of a compiled model compiles the eval-mode graph (logged
+    with its time; a failure goes to compile_failed, and under auto the evaluation runs again eagerly)."""
+    args = (run.val_loader, run.loss_fn, run.cfg, run.device, run.autocast)
+    if run.eval_compile_pending is None:
+        return evaluate(model, *args)
+    asked, started = run.eval_compile_pending, time.perf_counter()
+    run.eval_compile_pending = None
+    try:
+        val = evaluate(model, *args)
+    except Exception as err:  # as in first_compiled_step; evaluation changes no state, so nothing to restore
+        compile_failed(run, asked, "the first evaluation", err)
+        return evaluate(model, *args)
+    log.info("compile: the first evaluation (with the eval-mode graph's compilation) took %.1f s",
+             time.perf_counter() - started)
+    return val
 
 
 def _append_jsonl(run: Run, records: list[dict[str, Any]]) -> None:
@@ -1464,7 +1489,7 @@ def _end_epoch(run: Run, epoch: int, train: dict[str, float], start: float) -> d
     if run.world_size > 1:  # evaluate (and save) rank 0's BN statistics everywhere, as DDP's forward would
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer, 0)
-    val = evaluate(model, run.val_loader, run.loss_fn, cfg, run.device, run.autocast)
+    val = evaluate_run(run, model)
     state.epoch, state.batch = epoch + 1, 0
     row = {"epoch": epoch + 1, "lr": run.scheduler.get_last_lr()[0], **train, "rollbacks": state.rollbacks,
            **{k: v for k, v in val.items() if not k.endswith("_cm")}, "seconds": time.perf_counter() - start}
@@ -1970,7 +1995,8 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     return Run(cfg=cfg, model=model, loss_fn=build_loss(cfg).to(device), optimizer=optimizer, scheduler=scheduler,
                guard=guard, device=device, train_loader=train_loader, val_loader=val_loader, run_dir=run_dir,
                steps_per_epoch=steps_per_epoch, scaler=build_scaler(cfg, device), rank=rank, world_size=world_size,
-               baselines=baselines, ema=ema, compile_pending=compile_asked if cfg.compile == "on" else None)
+               baselines=baselines, ema=ema, compile_pending=compile_asked if cfg.compile == "on" else None,
+               eval_compile_pending=compile_asked if cfg.compile == "on" else None)
 
 
 def resume_path(cfg: Config, run_dir: Path) -> Path | None:

@@ -108,6 +108,40 @@ def test_compile_on_stops_the_run_with_exit_2_and_an_end_event_when_compilation_
     assert "simulated inductor failure" in end["reason"]
 
 
+def failing_eval_compile(self, *args, **kwargs):
+    """Compilation that works for training and fails for the eval-mode graph (its own compilation)."""
+    def call(*a, **k):
+        if not self.training:
+            raise RuntimeError("simulated inductor failure in eval mode")
+        return self._call_impl(*a, **k)
+    self._compiled_call_impl = call
+
+
+def test_compile_auto_falls_back_to_eager_when_the_first_evaluation_fails_to_compile(tiny_args, tmp_path,
+                                                                                    monkeypatch):
+    T.main(tiny_args[:-1] + [str(tmp_path / "eager"), "--epochs", "1"])  # the same run, never compiled
+    monkeypatch.setattr(torch.nn.Module, "compile", failing_eval_compile)
+    monkeypatch.setattr(T, "resolve_compile", lambda device, steps: ("on", "patched: this machine compiles"))
+    assert T.main(tiny_args + ["--epochs", "1", "--compile", "auto"]) == 0
+    log_text = (tmp_path / "run" / "train.log").read_text()
+    assert ("WARNING compile auto: torch.compile failed in the first evaluation (RuntimeError: simulated inductor "
+            "failure in eval mode); going on without it (eager)") in log_text
+    metrics = [(tmp_path / d / "metrics.csv").read_text().splitlines() for d in ("run", "eager")]
+    columns = metrics[0][0].split(",")
+    rows = [dict(zip(columns, m[1].split(","))) for m in metrics]
+    for key in ("train_loss", "val_loss", "val_miou", "val_cls_acc"):  # the eager evaluation of the same weights
+        assert rows[0][key] == rows[1][key], key
+
+
+def test_compile_on_stops_the_run_with_exit_2_when_the_first_evaluation_fails_to_compile(tiny_args, tmp_path,
+                                                                                          monkeypatch):
+    monkeypatch.setattr(torch.nn.Module, "compile", failing_eval_compile)
+    assert T.main(tiny_args + ["--compile", "on"]) == 2
+    end = json.loads((tmp_path / "run" / "steps.jsonl").read_text().splitlines()[-1])
+    assert end["event"] == "end" and end["outcome"] == "failed" and end["exit_code"] == 2
+    assert "torch.compile failed in the first evaluation" in end["reason"]
+
+
 def test_compile_auto_needs_a_long_run_and_a_code_generator(monkeypatch):
     import importlib.machinery
     import shutil
