@@ -1562,7 +1562,8 @@ EXPORT_OUTPUTS = ("seg_logits", "cls_logits")
 # (a 1-pixel bottleneck). A graph that holds only near its example input fails here, not in use.
 EXPORT_CHECK_SHAPES = ((2, 64, 64), (1, 77, 131), (3, 31, 45))
 # float32 logits. torch.export on the CPU runs the eager kernels (measured difference 0); ONNX Runtime fuses and
-# reorders sums (measured < 5e-6 on a trained default model). A wrong weight, normalisation or BatchNorm mode moves logits by > 1e-2.
+# reorders sums (measured < 5e-6 on a trained default model). A wrong weight, normalisation or BatchNorm mode
+# moves logits by > 1e-2.
 EXPORT_ATOL, EXPORT_RTOL = 1e-4, 1e-4
 
 
