@@ -95,9 +95,6 @@ def conv_bn_relu(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> nn.Se
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-RESIDUAL_INIT_SCALE = 0.1  # initial weight of each residual branch's last BatchNorm (AdaptiveStream._init_weights)
-
-
 class ResidualBlock(nn.Module):
     """Two 3x3 conv-BN layers with an identity shortcut."""
 
@@ -242,15 +239,9 @@ class AdaptiveStream(nn.Module):
                 continue
             if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
+            elif isinstance(module, nn.BatchNorm2d):  # residual branches too: started at 0.1, the digits'
+                nn.init.ones_(module.weight)  # val accuracy fell by 0.12 over four seeds (benchmarks/README.md)
                 nn.init.zeros_(module.bias)
-        # Each residual branch starts scaled down (its last BN weight 0.1, as in LayerScale), so the encoder
-        # starts close to its shallow path: the first gradient norms of a tiny model fell from 20-28 to
-        # single digits. Not 0 (Goyal et al.): every layer gets a gradient from the first step.
-        for module in self.modules():
-            if isinstance(module, ResidualBlock):
-                nn.init.constant_(module.body[-1].weight, RESIDUAL_INIT_SCALE)
         # Small last layers, so each head's initial loss is close to ln(C). The cls head's inputs (pooled
         # ReLU features, all >= 0) move every logit of an image together: at 0.5 the initial cls loss of
         # 4-image batches was up to 27% above ln(C) over 12 seeds, at 0.25 within 13%. Much smaller (1e-3)

@@ -81,7 +81,8 @@ def test_exploding_gradient_is_skipped(make_run):
 
 
 def test_gradient_spike_against_running_median_is_skipped(make_run):
-    run = make_run("--grad-spike-factor", "5", "--spike-warmup", "3")
+    # skip_grad_norm out of the way: x20 gradients of the tiny model can pass the absolute limit too
+    run = make_run("--grad-spike-factor", "5", "--spike-warmup", "3", "--skip-grad-norm", "1e4")
     images, masks, labels = first_batch(run)
     for _ in range(4):
         assert T.train_step(run, images, masks, labels)[4].item() == 0
