@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check, under 8 minutes on one GPU: CUDA tests, quick_test on CUDA, the benchmark in fp32,
-# bf16 + channels-last and --compile on, and torchrun with one process per GPU when there are 2 or more.
+# bf16 + channels-last and --compile on, a 5-epoch default run in fp32 and in bf16 (same seed, final
+# accuracies printed under the table), and torchrun with one process per GPU when there are 2 or more.
 # Prints one summary table; exits 1 if any part failed.
 # Without CUDA it runs the CPU equivalents (quick, tiny), says what it skipped and why, and exits 0
 # when those pass.
@@ -34,6 +35,11 @@ if [ "$GPUS" -gt 0 ]; then
         "${BENCH[@]}" --json "$OUT/bf16.json"
     step bench-compile "$PYTHON" benchmarks/bench_train.py --device cuda --amp bf16 --channels-last on --compile on \
         "${BENCH[@]}" --json "$OUT/compile.json"
+    # bf16 against fp32 on the same seed (docs: the default run's accuracy in bf16); 224 px, 5 epochs each.
+    for amp in off bf16; do
+        step "accuracy-$amp" "$PYTHON" train_enhanced_adaptivestream.py --device cuda --amp "$amp" --epochs 5 \
+            --compile off --vis-every 0 --seed 0 --out-dir "$OUT/accuracy-$amp"
+    done
     if [ "$GPUS" -ge 2 ]; then
         step torchrun "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" \
             train_enhanced_adaptivestream.py --device cuda --epochs 1 --synthetic-train-size 128 \
@@ -50,11 +56,20 @@ else
         --json "$OUT/fp32.json"
     skip bench-bf16-cl "no CUDA device (bf16 + channels-last is a GPU speed check)"
     skip bench-compile "no CUDA device (torch.compile on CPU needs a C++ toolchain and minutes)"
+    skip accuracy "no CUDA device (bf16 is emulated on most CPUs: benchmarks/README.md, AMP on this CPU)"
     skip torchrun "no CUDA device (tests/test_distributed.py runs torchrun on CPU with Gloo)"
 fi
 
 echo
 printf '%-16s %s\n' "check" "result"
 for i in "${!NAMES[@]}"; do printf '%-16s %s\n' "${NAMES[$i]}" "${RESULTS[$i]}"; done
+for amp in off bf16; do
+    [ -f "$OUT/accuracy-$amp/metrics.csv" ] || continue
+    "$PYTHON" - "$OUT/accuracy-$amp/metrics.csv" "$amp" <<'PY'
+import csv, sys
+row = list(csv.DictReader(open(sys.argv[1])))[-1]
+print(f"amp {sys.argv[2]:<5} epoch {row['epoch']}: val mIoU {float(row['val_miou']):.3f}, cls acc {float(row['val_cls_acc']):.3f}")
+PY
+done
 echo "logs and JSON: $OUT"
 exit $FAILED
