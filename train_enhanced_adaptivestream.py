@@ -1178,39 +1178,45 @@ def uncompile(modules: Iterable[nn.Module | None]) -> None:
             module._compiled_call_impl = None
 
 
-def compile_failed(run: Run, asked: str, where: str, err: Exception) -> None:
-    """A compilation failed: under COMPILE on stop the run (exit 2); under auto un-compile the model (and
-    the EMA model), log a WARN line naming the error, and let the caller go on eagerly."""
+def compile_failed(run: Run, asked: str, where: str, err: Exception, eager: Callable[[], Any]) -> Any:
+    """The first compiled call failed with err. Un-compile the model (and the EMA model) and run the same work
+    eagerly, which tells whose error it was: if the eager run fails too, the error is the step's own (a bug,
+    a bad batch) and the eager one propagates as it is, never labelled a compilation failure. Otherwise
+    compilation failed: under COMPILE on stop the run (exit 2); under auto log a WARN line naming err and
+    return the eager result, the run going on eagerly."""
+    uncompile([unwrap(run.model), run.ema.module if run.ema is not None else None])
+    run.compile_pending = run.eval_compile_pending = None
+    result = eager()
     what = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
     if asked == "on":
-        raise ConfigError(f"compile: torch.compile failed in {where} ({what}); "
-                          f"run with --compile off (or auto, which falls back to eager)") from err
-    uncompile([unwrap(run.model), run.ema.module if run.ema is not None else None])
-    run.cfg.compile, run.compile_pending, run.eval_compile_pending = "off", None, None
+        raise ConfigError(f"compile: torch.compile failed in {where} ({what}), which runs eagerly; run with "
+                          f"--compile off (or auto, which falls back to eager)") from err
+    run.cfg.compile = "off"
     log.warning("compile auto: torch.compile failed in %s (%s); going on without it (eager). --compile off "
                 "skips the attempt", where, what)
+    return result
 
 
 def first_compiled_step(run: Run, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """train_step of a compiled model for the first time: torch.compile traces and compiles here (logged
-    with its time). If that fails, compile_failed decides; under auto the training state goes back to
-    where it was before the step, and the step runs again eagerly."""
+    with its time). If that fails, the training state goes back to where it was before the step and
+    compile_failed runs the step again eagerly and decides."""
     asked, saved, started = run.compile_pending, take_snapshot(run), time.perf_counter()
     run.compile_pending = None
     try:
         result = train_step(run, images, masks, labels)
         result.tolist()  # wait for the step: the time below is the compilation's, and errors surface here
     except Exception as err:  # dynamo and inductor raise many types; the chained traceback keeps the cause
-        compile_failed(run, asked, "the first training step", err)
         restore_training_state(run, saved)
-        return train_step(run, images, masks, labels)
+        return compile_failed(run, asked, "the first training step", err,
+                              lambda: train_step(run, images, masks, labels))
     log.info("compile: the first step (tracing and compilation) took %.1f s", time.perf_counter() - started)
     return result
 
 
 def evaluate_run(run: Run, model: nn.Module) -> dict[str, Any]:
     """evaluate() on the val split; the first one of a compiled model compiles the eval-mode graph (logged
-    with its time; a failure goes to compile_failed, and under auto the evaluation runs again eagerly)."""
+    with its time; a failure goes to compile_failed, which evaluates again eagerly and decides)."""
     args = (run.val_loader, run.loss_fn, run.cfg, run.device, run.autocast)
     if run.eval_compile_pending is None:
         return evaluate(model, *args)
@@ -1219,8 +1225,7 @@ def evaluate_run(run: Run, model: nn.Module) -> dict[str, Any]:
     try:
         val = evaluate(model, *args)
     except Exception as err:  # as in first_compiled_step; evaluation changes no state, so nothing to restore
-        compile_failed(run, asked, "the first evaluation", err)
-        return evaluate(model, *args)
+        return compile_failed(run, asked, "the first evaluation", err, lambda: evaluate(model, *args))
     log.info("compile: the first evaluation (with the eval-mode graph's compilation) took %.1f s",
              time.perf_counter() - started)
     return val

@@ -101,7 +101,7 @@ def test_compile_on_stops_the_run_with_exit_2_and_an_end_event_when_compilation_
     assert T.main(tiny_args + ["--compile", "on"]) == 2
     log_text = (tmp_path / "run" / "train.log").read_text()
     assert ("error: compile: torch.compile failed in the first training step (RuntimeError: simulated inductor "
-            "failure); run with --compile off") in log_text
+            "failure), which runs eagerly; run with --compile off") in log_text
     events = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
     end = events[-1]
     assert end["event"] == "end" and end["outcome"] == "failed" and end["exit_code"] == 2
@@ -140,6 +140,42 @@ def test_compile_on_stops_the_run_with_exit_2_when_the_first_evaluation_fails_to
     end = json.loads((tmp_path / "run" / "steps.jsonl").read_text().splitlines()[-1])
     assert end["event"] == "end" and end["outcome"] == "failed" and end["exit_code"] == 2
     assert "torch.compile failed in the first evaluation" in end["reason"]
+
+
+def compile_that_works(self, *args, **kwargs):
+    """A compilation that succeeds: the compiled call is the eager one."""
+    self._compiled_call_impl = lambda *a, **k: self._call_impl(*a, **k)
+
+
+def loss_bug(self, *args, **kwargs):
+    """A bug of the loss's own: it fails under a compiled model and an eager one alike."""
+    raise RuntimeError("a bug in the loss, not in compilation")
+
+
+def eval_forward_bug(self, x):
+    """A bug of the model's own, in eval mode only: it fails compiled and eager alike."""
+    if not self.training:
+        raise RuntimeError("a bug in the eval forward, not in compilation")
+    return original_forward(self, x)
+
+
+original_forward = T.AdaptiveStream.forward
+
+
+@pytest.mark.parametrize("asked", ["on", "auto"])
+@pytest.mark.parametrize("where,target,bug", [
+    ("first training step", (T.StableLoss, "forward"), loss_bug),
+    ("first evaluation", (T.AdaptiveStream, "forward"), eval_forward_bug),
+])
+def test_an_error_of_the_first_compiled_call_that_eager_execution_repeats_is_not_called_a_compile_failure(
+        tiny_args, tmp_path, monkeypatch, asked, where, target, bug):
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_that_works)
+    monkeypatch.setattr(T, "resolve_compile", lambda device, steps: ("on", "patched: this machine compiles"))
+    monkeypatch.setattr(*target, bug)
+    with pytest.raises(RuntimeError, match="not in compilation"):  # the step's own error, as it is
+        T.main(tiny_args + ["--epochs", "1", "--compile", asked])
+    log_text = (tmp_path / "run" / "train.log").read_text()
+    assert "torch.compile failed" not in log_text, f"the {where}'s own error was blamed on compilation"
 
 
 def test_compile_auto_needs_a_long_run_and_a_code_generator(monkeypatch):
