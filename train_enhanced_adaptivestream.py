@@ -1178,6 +1178,11 @@ def uncompile(modules: Iterable[nn.Module | None]) -> None:
             module._compiled_call_impl = None
 
 
+def error_line(err: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+
+
 def compile_failed(run: Run, asked: str, where: str, err: Exception, eager: Callable[[], Any]) -> Any:
     """The first compiled call failed with err. Un-compile the model (and the EMA model) and run the same work
     eagerly, which tells whose error it was: if the eager run fails too, the error is the step's own (a bug,
@@ -1187,7 +1192,7 @@ def compile_failed(run: Run, asked: str, where: str, err: Exception, eager: Call
     uncompile([unwrap(run.model), run.ema.module if run.ema is not None else None])
     run.compile_pending = run.eval_compile_pending = None
     result = eager()
-    what = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+    what = error_line(err)
     if asked == "on":
         raise ConfigError(f"compile: torch.compile failed in {where} ({what}), which runs eagerly; run with "
                           f"--compile off (or auto, which falls back to eager)") from err
@@ -2156,6 +2161,18 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingFailed as err:  # every rank fails at the same step with the same message: rank 0 says it
         (log.error if run.is_main else log.info)("training failed: %s", err)
         return end_run(run, "failed", str(err), 1)
+    except torch.OutOfMemoryError as err:  # the device's memory, not the code: say which settings to lower
+        if run is None:
+            raise
+        what = error_line(err)
+        log.error("out of memory at epoch %d, step %d (%s): lower --batch-size (now %d) or --image-size (now %d)%s "
+                  "and start again", run.state.epoch + 1, run.state.step, what, run.cfg.batch_size,
+                  run.cfg.image_size, ", or train in bf16 (--amp bf16)" if run.cfg.amp == "off" else "")
+        return end_run(run, "failed", f"out of memory at step {run.state.step}: {what}", 1)
+    except Exception as err:  # a bug or another unforeseen failure: its traceback is the report, and the run's
+        if run is not None:  # record still ends with an end event (diagnose reads it)
+            end_run(run, "failed", f"crashed: {error_line(err)}", 1)
+        raise
     except StopRequested as err:
         for sig in previous_handlers:  # last.pt is written: a further Ctrl-C must not cut the exit record short
             signal.signal(sig, signal.SIG_IGN)

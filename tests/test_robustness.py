@@ -251,6 +251,39 @@ def test_sigint_finishes_the_step_saves_last_pt_and_exits_130(monkeypatch, tiny_
     assert (state["epoch"], state["batch"], state["step"]) == (0, 3, 3)
 
 
+def failing_at_step(monkeypatch, at, error):
+    """train_step raises `error` on its `at`-th call (counted from 1); the steps before run for real."""
+    calls = []
+
+    def step(run, images, masks, labels):
+        calls.append(1)
+        if len(calls) == at:
+            raise error
+        return TRAIN_STEP(run, images, masks, labels)
+
+    monkeypatch.setattr(T, "train_step", step)
+
+
+def test_out_of_memory_names_the_settings_to_lower_exits_1_and_ends_the_record(monkeypatch, tiny_args, tmp_path):
+    failing_at_step(monkeypatch, 3, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"))
+    assert T.main(tiny_args) == 1  # no traceback: the settings, not the code
+    (end,) = events(tmp_path / "run", "end")
+    assert (end["outcome"], end["exit_code"], end["step"]) == ("failed", 1, 2)
+    assert end["reason"] == "out of memory at step 2: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    log_text = (tmp_path / "run" / "train.log").read_text()
+    assert "out of memory at epoch 1, step 2" in log_text and "lower --batch-size (now 4) or --image-size (now 32)" \
+        in log_text
+
+
+def test_an_unforeseen_error_keeps_its_traceback_and_still_ends_the_record(monkeypatch, tiny_args, tmp_path):
+    failing_at_step(monkeypatch, 3, ZeroDivisionError("a bug in the code"))
+    with pytest.raises(ZeroDivisionError, match="a bug in the code"):  # a bug's report is its traceback
+        T.main(tiny_args)
+    (end,) = events(tmp_path / "run", "end")
+    assert (end["outcome"], end["exit_code"], end["reason"]) == ("failed", 1, "crashed: ZeroDivisionError: a bug "
+                                                                             "in the code")
+
+
 def test_disk_full_during_save_keeps_the_previous_checkpoint(monkeypatch, tiny_args, tmp_path):
     real_save, calls = torch.save, []
 
