@@ -1018,6 +1018,16 @@ def check_learning(rows: list[dict[str, float]], baselines: Baselines, cfg: Conf
     return checks
 
 
+# What to do about a failed run, by the `failure` of its end event (older runs have none: training).
+FAILURE_FIXES = {
+    "training": "the run stopped: see the causes ranked above and the skipped-step reasons",
+    "input": "a setting or the data was refused (exit 2): the reason names the key or file; fix it and start again",
+    "out_of_memory": "the device ran out of memory: lower batch_size or image_size (or train in bf16) and start again",
+    "crash": "an unforeseen error, likely a bug: its traceback is in the terminal or the job's log (train.log "
+             "stops before it); report it with the command and the run's config.yaml",
+}
+
+
 def check_run_outcome(record: RunRecord) -> Check:
     """How the run ended, from its `end` event: finished, stopped early, failed, stopped by a signal, or unknown."""
     end = run_end(record)
@@ -1028,8 +1038,8 @@ def check_run_outcome(record: RunRecord) -> Check:
     outcome, reason = end.get("outcome", "?"), str(end.get("reason", ""))
     value = f"{outcome} after {end.get('epochs_done')} epoch(s), step {end.get('step')}: {reason[:300]}"
     if outcome == "failed":
-        return judge("run.outcome", False, value, "the run finished", "the run stopped: see the causes ranked "
-                     "above and the skipped-step reasons", "run")
+        return judge("run.outcome", False, value, "the run finished",
+                     FAILURE_FIXES.get(end.get("failure") or "training", FAILURE_FIXES["training"]), "run")
     if outcome == "stopped":
         return judge("run.outcome", False, value, "the run finished", "stopped by a signal: resume it with "
                      "--resume <run>/last.pt", "run", warn=True)

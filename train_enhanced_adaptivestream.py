@@ -2091,13 +2091,15 @@ def _build_and_resume(cfg: Config, run_dir: Path, is_main: bool) -> Run:
 
 
 def end_run(run: Run, outcome: str, reason: str, code: int,
-            verdicts: dict[str, HeadVerdict] | None = None) -> int:
+            verdicts: dict[str, HeadVerdict] | None = None, failure: str | None = None) -> int:
     """Write the run's last record, the `end` event of steps.jsonl, and return the exit code.
 
-    outcome: finished | early_stop (both judged by the verdict) | failed | stopped.
+    outcome: finished | early_stop (both judged by the verdict) | failed | stopped. failure, for a failed
+    run: training (the guard's limits, a checkpoint that could not be written) | input (settings or data,
+    exit 2) | out_of_memory | crash (an unforeseen error).
     """
     state = run.state
-    record = {"event": "end", "outcome": outcome, "reason": reason, "exit_code": code,
+    record = {"event": "end", "outcome": outcome, "reason": reason, "exit_code": code, "failure": failure,
               "learned": None if not verdicts else all(v.verdict in ("learned", "not trained")
                                                        for v in verdicts.values()),
               "verdict": {head: asdict(v) for head, v in (verdicts or {}).items()},
@@ -2156,11 +2158,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as err:
         (log.error if handlers else lambda m, e: print(m % e, file=sys.stderr))("error: %s", err)
         if run is not None:  # raised once training had started (--compile on failing, --tensorboard missing)
-            return end_run(run, "failed", f"error: {err}", 2)
+            return end_run(run, "failed", f"error: {err}", 2, failure="input")
         return 2
     except TrainingFailed as err:  # every rank fails at the same step with the same message: rank 0 says it
         (log.error if run.is_main else log.info)("training failed: %s", err)
-        return end_run(run, "failed", str(err), 1)
+        return end_run(run, "failed", str(err), 1, failure="training")
     except torch.OutOfMemoryError as err:  # the device's memory, not the code: say which settings to lower
         if run is None:
             raise
@@ -2168,10 +2170,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("out of memory at epoch %d, step %d (%s): lower --batch-size (now %d) or --image-size (now %d)%s "
                   "and start again", run.state.epoch + 1, run.state.step, what, run.cfg.batch_size,
                   run.cfg.image_size, ", or train in bf16 (--amp bf16)" if run.cfg.amp == "off" else "")
-        return end_run(run, "failed", f"out of memory at step {run.state.step}: {what}", 1)
+        return end_run(run, "failed", f"out of memory at step {run.state.step}: {what}", 1, failure="out_of_memory")
     except Exception as err:  # a bug or another unforeseen failure: its traceback is the report, and the run's
         if run is not None:  # record still ends with an end event (diagnose reads it)
-            end_run(run, "failed", f"crashed: {error_line(err)}", 1)
+            end_run(run, "failed", f"crashed: {error_line(err)}", 1, failure="crash")
         raise
     except StopRequested as err:
         for sig in previous_handlers:  # last.pt is written: a further Ctrl-C must not cut the exit record short

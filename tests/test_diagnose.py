@@ -295,6 +295,31 @@ def test_run_that_stopped_on_skipped_steps_fails_outcome_and_metrics(tmp_path):
     assert by_name(checks, "run.metrics").status == "FAIL"
 
 
+@pytest.mark.parametrize("error,failure,fix", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "out_of_memory", "lower batch_size"),
+    (ZeroDivisionError("a bug"), "crash", "its traceback is in the terminal"),
+])
+def test_a_run_that_ran_out_of_memory_or_crashed_gets_its_own_fix(tmp_path, monkeypatch, error, failure, fix):
+    real_step = T.train_step
+
+    def step(run, *batch):
+        if run.state.step == 2:
+            raise error
+        return real_step(run, *batch)
+
+    monkeypatch.setattr(T, "train_step", step)
+    run = tmp_path / "run"
+    argv = TINY + ["--out-dir", str(run)]
+    if failure == "crash":
+        with pytest.raises(ZeroDivisionError):  # a crash keeps its traceback
+            T.main(argv)
+    else:
+        assert T.main(argv) == 1
+    outcome = by_name(D.check_run(D.read_run_folder(run), load_config(argv)), "run.outcome")
+    assert outcome.status == "FAIL" and "step 2: " in outcome.value
+    assert outcome.fix == D.FAILURE_FIXES[failure] and fix in outcome.fix
+
+
 # ---- bad batch replay ----
 def save_batch(tmp_path, cfg, model, amp="off", poison_image=False):
     setup = D.build_setup(cfg, CPU)

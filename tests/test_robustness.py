@@ -268,7 +268,7 @@ def test_out_of_memory_names_the_settings_to_lower_exits_1_and_ends_the_record(m
     failing_at_step(monkeypatch, 3, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"))
     assert T.main(tiny_args) == 1  # no traceback: the settings, not the code
     (end,) = events(tmp_path / "run", "end")
-    assert (end["outcome"], end["exit_code"], end["step"]) == ("failed", 1, 2)
+    assert (end["outcome"], end["exit_code"], end["step"], end["failure"]) == ("failed", 1, 2, "out_of_memory")
     assert end["reason"] == "out of memory at step 2: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
     log_text = (tmp_path / "run" / "train.log").read_text()
     assert "out of memory at epoch 1, step 2" in log_text and "lower --batch-size (now 4) or --image-size (now 32)" \
@@ -280,8 +280,8 @@ def test_an_unforeseen_error_keeps_its_traceback_and_still_ends_the_record(monke
     with pytest.raises(ZeroDivisionError, match="a bug in the code"):  # a bug's report is its traceback
         T.main(tiny_args)
     (end,) = events(tmp_path / "run", "end")
-    assert (end["outcome"], end["exit_code"], end["reason"]) == ("failed", 1, "crashed: ZeroDivisionError: a bug "
-                                                                             "in the code")
+    assert (end["outcome"], end["exit_code"], end["reason"], end["failure"]) == (
+        "failed", 1, "crashed: ZeroDivisionError: a bug in the code", "crash")
 
 
 def test_disk_full_during_save_keeps_the_previous_checkpoint(monkeypatch, tiny_args, tmp_path):
