@@ -2163,18 +2163,6 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingFailed as err:  # every rank fails at the same step with the same message: rank 0 says it
         (log.error if run.is_main else log.info)("training failed: %s", err)
         return end_run(run, "failed", str(err), 1, failure="training")
-    except torch.OutOfMemoryError as err:  # the device's memory, not the code: say which settings to lower
-        if run is None:
-            raise
-        what = error_line(err)
-        log.error("out of memory at epoch %d, step %d (%s): lower --batch-size (now %d) or --image-size (now %d)%s "
-                  "and start again", run.state.epoch + 1, run.state.step, what, run.cfg.batch_size,
-                  run.cfg.image_size, ", or train in bf16 (--amp bf16)" if run.cfg.amp == "off" else "")
-        return end_run(run, "failed", f"out of memory at step {run.state.step}: {what}", 1, failure="out_of_memory")
-    except Exception as err:  # a bug or another unforeseen failure: its traceback is the report, and the run's
-        if run is not None:  # record still ends with an end event (diagnose reads it)
-            end_run(run, "failed", f"crashed: {error_line(err)}", 1, failure="crash")
-        raise
     except StopRequested as err:
         for sig in previous_handlers:  # last.pt is written: a further Ctrl-C must not cut the exit record short
             signal.signal(sig, signal.SIG_IGN)
@@ -2193,6 +2181,18 @@ def main(argv: list[str] | None = None) -> int:
                     f"{last} holds the last completed save (a checkpoint write is never cut short). Resume with "
                     f"the same command plus --resume {last}" if last.is_file() else "no checkpoint was saved yet")
         return end_run(run, "stopped", f"second SIGINT at step {run.state.step}", 130)
+    except torch.OutOfMemoryError as err:  # the device's memory, not the code: say which settings to lower
+        if run is None:
+            raise
+        what = error_line(err)
+        log.error("out of memory at epoch %d, step %d (%s): lower --batch-size (now %d) or --image-size (now %d)%s "
+                  "and start again", run.state.epoch + 1, run.state.step, what, run.cfg.batch_size,
+                  run.cfg.image_size, ", or train in bf16 (--amp bf16)" if run.cfg.amp == "off" else "")
+        return end_run(run, "failed", f"out of memory at step {run.state.step}: {what}", 1, failure="out_of_memory")
+    except Exception as err:  # a bug or another unforeseen failure: its traceback is the report, and the run's
+        if run is not None:  # record still ends with an end event (diagnose reads it)
+            end_run(run, "failed", f"crashed: {error_line(err)}", 1, failure="crash")
+        raise
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
