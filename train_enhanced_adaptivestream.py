@@ -33,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -1191,8 +1192,17 @@ def compile_failed(run: Run, asked: str, where: str, err: Exception, eager: Call
     return the eager result, the run going on eagerly."""
     uncompile([unwrap(run.model), run.ema.module if run.ema is not None else None])
     run.compile_pending = run.eval_compile_pending = None
-    result = eager()
     what = error_line(err)
+    traceback.clear_frames(err.__traceback__)  # free the failed attempt's tensors before the eager one needs memory
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        result = eager()
+    except Exception:
+        log.error("compile: %s failed when compiled (%s) and again when run eagerly: the error below is "
+                  "reported as the step's own. A CUDA fault (illegal memory access, device-side assert) "
+                  "can outlive a miscompiled kernel: if it is one, run once with --compile off to tell", where, what)
+        raise
     if asked == "on":
         raise ConfigError(f"compile: torch.compile failed in {where} ({what}), which runs eagerly; run with "
                           f"--compile off (or auto, which falls back to eager)") from err
@@ -2185,10 +2195,10 @@ def main(argv: list[str] | None = None) -> int:
         if run is None:
             raise
         what = error_line(err)
-        log.error("out of memory at epoch %d, step %d (%s): lower --batch-size (now %d) or --image-size (now %d)%s "
-                  "and start again", run.state.epoch + 1, run.state.step, what, run.cfg.batch_size,
+        log.error("out of memory in epoch %d after step %d (%s): lower --batch-size (now %d) or --image-size (now "
+                  "%d)%s and start again", run.state.epoch + 1, run.state.step, what, run.cfg.batch_size,
                   run.cfg.image_size, ", or train in bf16 (--amp bf16)" if run.cfg.amp == "off" else "")
-        return end_run(run, "failed", f"out of memory at step {run.state.step}: {what}", 1, failure="out_of_memory")
+        return end_run(run, "failed", f"out of memory after step {run.state.step}: {what}", 1, failure="out_of_memory")
     except Exception as err:  # a bug or another unforeseen failure: its traceback is the report, and the run's
         if run is not None:  # record still ends with an end event (diagnose reads it)
             end_run(run, "failed", f"crashed: {error_line(err)}", 1, failure="crash")

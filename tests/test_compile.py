@@ -176,6 +176,7 @@ def test_an_error_of_the_first_compiled_call_that_eager_execution_repeats_is_not
         T.main(tiny_args + ["--epochs", "1", "--compile", asked])
     log_text = (tmp_path / "run" / "train.log").read_text()
     assert "torch.compile failed" not in log_text, f"the {where}'s own error was blamed on compilation"
+    assert f"{where} failed when compiled (RuntimeError: a bug" in log_text  # both attempts are on record
 
 
 def test_compile_auto_needs_a_long_run_and_a_code_generator(monkeypatch):

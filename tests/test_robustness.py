@@ -269,9 +269,9 @@ def test_out_of_memory_names_the_settings_to_lower_exits_1_and_ends_the_record(m
     assert T.main(tiny_args) == 1  # no traceback: the settings, not the code
     (end,) = events(tmp_path / "run", "end")
     assert (end["outcome"], end["exit_code"], end["step"], end["failure"]) == ("failed", 1, 2, "out_of_memory")
-    assert end["reason"] == "out of memory at step 2: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert end["reason"] == "out of memory after step 2: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
     log_text = (tmp_path / "run" / "train.log").read_text()
-    assert "out of memory at epoch 1, step 2" in log_text and "lower --batch-size (now 4) or --image-size (now 32)" \
+    assert "out of memory in epoch 1 after step 2" in log_text and "lower --batch-size (now 4) or --image-size (now 32)" \
         in log_text
 
 
