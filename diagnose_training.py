@@ -1039,7 +1039,7 @@ def check_run_outcome(record: RunRecord) -> Check:
     value = f"{outcome} after {end.get('epochs_done')} epoch(s), step {end.get('step')}: {reason[:300]}"
     if outcome == "failed":
         return judge("run.outcome", False, value, "the run finished",
-                     FAILURE_FIXES.get(end.get("failure") or "training", FAILURE_FIXES["training"]), "run")
+                     FAILURE_FIXES.get(end.get("failure"), FAILURE_FIXES["training"]), "run")
     if outcome == "stopped":
         return judge("run.outcome", False, value, "the run finished", "stopped by a signal: resume it with "
                      "--resume <run>/last.pt", "run", warn=True)

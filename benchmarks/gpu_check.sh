@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One GPU check, planned for under 8 minutes on one GPU (not yet timed on one): CUDA tests, quick_test on CUDA, the benchmark in fp32,
-# bf16 + channels-last and --compile on, a 5-epoch default run in fp32 and in bf16 (same seed, final
-# accuracies printed under the table), and torchrun with one process per GPU when there are 2 or more.
+# One GPU check, planned for under 8 minutes on one GPU (not yet timed on one): CUDA tests, quick_test
+# on CUDA, the benchmark in fp32, bf16 + channels-last and --compile on, a 5-epoch default run in fp32
+# and in bf16 (same seed, final accuracies printed under the table), and torchrun with one process per
+# GPU when there are 2 or more.
 # Prints one summary table; exits 1 if any part failed.
 # Without CUDA it runs the CPU equivalents (quick, tiny), says what it skipped and why, and exits 0
 # when those pass.
