@@ -780,7 +780,8 @@ class Baselines:
     cls: chance (1/C) and the val accuracy of always predicting the most frequent training label.
     seg: the val mIoU and pixel accuracy of predicting the most frequent training pixel class everywhere.
     Uniform-guess losses: cross-entropy of equal logits, ln(classes) per head (class weights and label
-    smoothing leave it unchanged: every target then costs ln(classes)), and their weighted total.
+    smoothing leave it unchanged: every target then costs ln(classes)), plus for seg dice_weight x the soft
+    Dice of that guess on the val pixel frequencies (uniform_dice), and their weighted total.
     """
 
     cls_chance: float
@@ -805,12 +806,23 @@ def majority_scores(val_counts: np.ndarray) -> tuple[float, float]:
     return accuracy / max(int((val_counts > 0).sum()), 1), accuracy
 
 
+def uniform_dice(pixel_counts: np.ndarray) -> float:
+    """The soft Dice loss (StableLoss) of equal logits: every pixel gives each of the S classes 1/S, so a
+    class of n_c of the N pixels scores 1 - 2 (n_c / S) / (N / S + n_c); the mean over the classes present."""
+    counts = np.asarray(pixel_counts, np.float64)
+    present = counts[counts > 0]
+    if not len(present):
+        return 0.0
+    return float(np.mean(1 - 2 * present / (counts.sum() + len(counts) * present)))
+
+
 def data_baselines(cfg: Config, train_ds: Dataset, val_ds: Dataset) -> Baselines:
     """Baselines over the whole val split (synthetic: every image is rendered, about 1 s for 192 at 224 px)."""
     val, _ = dataset_stats(val_ds, cfg, sample=None)
     seg_miou, seg_acc = majority_scores(val.pixel_counts)
     _, cls_acc = majority_scores(val.label_counts)
-    seg_loss, cls_loss = math.log(cfg.num_seg_classes), math.log(cfg.num_cls_classes)
+    seg_loss = math.log(cfg.num_seg_classes) + cfg.dice_weight * uniform_dice(val.pixel_counts)
+    cls_loss = math.log(cfg.num_cls_classes)
     return Baselines(cls_chance=1 / cfg.num_cls_classes, cls_majority=cls_acc, seg_majority_miou=seg_miou,
                      seg_majority_pixel_acc=seg_acc, seg_uniform_loss=seg_loss, cls_uniform_loss=cls_loss,
                      uniform_loss=cfg.seg_weight * seg_loss + cfg.cls_weight * cls_loss, val_images=len(val_ds))

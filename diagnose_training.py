@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 import config
 import train_enhanced_adaptivestream as T
 from data import (DOMINANT_CLASS_FRACTION, Baselines, DataError, build_datasets, build_loaders, data_baselines,
-                  invalid_mask_values, value_counts)
+                  invalid_mask_values, uniform_dice, value_counts)
 from results import column, read_metrics
 from config import Config, ConfigError, load_config, parser_flags
 
@@ -407,7 +407,8 @@ def check_model(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, cfg
 
 def check_initial_loss(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
                        loss_fn: nn.Module, cfg: Config) -> list[Check]:
-    """Each head's loss at init within +-INIT_LOSS_TOLERANCE of ln(C): uniform predictions give exactly ln(C)."""
+    """Each head's loss at init within +-INIT_LOSS_TOLERANCE of a uniform guess's: ln(C) for a cross-entropy, plus
+    for seg dice_weight x the soft Dice of equal logits on this batch's masks (data.uniform_dice)."""
     with preserved(model), torch.no_grad():
         seg, cls = model.train()(images)
         try:
@@ -417,15 +418,18 @@ def check_initial_loss(model: nn.Module, images: torch.Tensor, masks: torch.Tens
                           "architecture")]
         values = torch.stack([parts["seg"], parts["cls"]]).tolist()
     checks = []
+    scored = masks[masks != cfg.ignore_index].long()
+    dice = cfg.dice_weight * uniform_dice(torch.bincount(scored, minlength=cfg.num_seg_classes).cpu().numpy())
     for head, value, classes in (("seg", values[0], cfg.num_seg_classes), ("cls", values[1], cfg.num_cls_classes)):
-        expected = math.log(classes)
+        expected = math.log(classes) + (dice if head == "seg" else 0.0)
+        uniform = f"ln({classes})" + (f" + dice {dice:.4f}" if head == "seg" and dice else "")
         off = value / expected - 1 if math.isfinite(value) else math.inf
         fix = ("the loss is non-finite at step 0: see nan.forward" if not math.isfinite(value) else
                "logits are too large at init: scale the last layer's init down (std ~0.5/sqrt(fan_in))" if off > 0
                else "the loss is too low for an untrained model: the target leaks into the input, or the loss "
                     "sees the wrong tensors")
         checks.append(judge(f"loss.init_{head}", abs(off) <= INIT_LOSS_TOLERANCE,
-                            f"{value:.4f} vs ln({classes}) = {expected:.4f} ({off:+.0%})",
+                            f"{value:.4f} vs {uniform} = {expected:.4f} ({off:+.0%})",
                             f"within +-{INIT_LOSS_TOLERANCE:.0%}", fix,
                             "numerics" if not math.isfinite(value) else "init"))
     return checks

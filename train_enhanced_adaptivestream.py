@@ -321,19 +321,39 @@ def inference_weights(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 # ---- Loss ----
+def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over the classes present in the batch's target of 1 - 2|P.T| / (|P| + |T|): P the class's
+    softmax, T its target pixels, both summed over the batch's scored pixels. A class absent from the
+    target is left out (its Dice is undefined; cross-entropy already penalises painting it).
+
+    Every class counts the same however few its pixels: a shape missed whole costs as much as a missed
+    large class, where cross-entropy weighs it by its pixels. Comparisons and sums only (no scatter), so
+    it is deterministic on CUDA too.
+    """
+    classes = torch.arange(probs.shape[1], device=probs.device).view(1, -1, 1, 1)
+    truth = (target.where(valid, -1).unsqueeze(1) == classes).to(probs.dtype)  # [B, S, H, W] one-hot, 0 if ignored
+    probs = probs * valid.unsqueeze(1)
+    inter, counts = (probs * truth).sum((0, 2, 3)), truth.sum((0, 2, 3))
+    dice = 1 - 2 * inter / (probs.sum((0, 2, 3)) + counts).clamp_min(1e-12)
+    present = counts > 0
+    return (dice * present).sum() / present.sum().clamp_min(1)
+
+
 class StableLoss(nn.Module):
-    """SEG_WEIGHT x segmentation CE + CLS_WEIGHT x classification CE, in float32 even under autocast.
+    """SEG_WEIGHT x (segmentation CE + DICE_WEIGHT x soft Dice) + CLS_WEIGHT x classification CE, in float32
+    even under autocast.
 
     Logits go through the smooth bound c*x/(c+|x|): bounded by c, and unlike c*tanh(x/c), whose
     float32 gradient is exactly 0 once |x| > ~9c, its gradient never vanishes. A non-finite loss is
-    returned as it is: the training loop's guard skips that step and counts it.
+    returned as it is: the training loop's guard skips that step and counts it. Class weights and label
+    smoothing apply to the cross-entropies; the Dice term weighs every class the same by construction.
     """
 
     def __init__(self, seg_weight: float = 1.0, cls_weight: float = 0.5, ignore_index: int = 255,
                  seg_class_weights: Iterable[float] | None = None, cls_class_weights: Iterable[float] | None = None,
-                 logit_bound: float = 15.0, label_smoothing: float = 0.0):
+                 logit_bound: float = 15.0, label_smoothing: float = 0.0, dice_weight: float = 1.0):
         super().__init__()
-        self.seg_weight, self.cls_weight = seg_weight, cls_weight
+        self.seg_weight, self.cls_weight, self.dice_weight = seg_weight, cls_weight, dice_weight
         self.ignore_index, self.logit_bound, self.label_smoothing = ignore_index, logit_bound, label_smoothing
         self.register_buffer("seg_class_weights", None if seg_class_weights is None
                              else torch.tensor(list(seg_class_weights), dtype=torch.float32))
@@ -353,7 +373,8 @@ class StableLoss(nn.Module):
             raise ValueError(f"classification logits {tuple(cls_logits.shape)} [B, C] do not match "
                              f"target {tuple(cls_target.shape)} [B]")
         seg_target = seg_target.long()
-        per_pixel = F.cross_entropy(self.bound(seg_logits.float()), seg_target, weight=self.seg_class_weights,
+        seg_logits = self.bound(seg_logits.float())
+        per_pixel = F.cross_entropy(seg_logits, seg_target, weight=self.seg_class_weights,
                                     ignore_index=self.ignore_index, reduction="none",
                                     label_smoothing=self.label_smoothing)
         valid = seg_target != self.ignore_index
@@ -363,6 +384,8 @@ class StableLoss(nn.Module):
             weight_sum = (self.seg_class_weights[seg_target.where(valid, 0)] * valid).sum()
         # Mean over scored pixels; a batch with no scored pixel contributes 0, not 0/0 = NaN.
         seg_loss = per_pixel.sum() / weight_sum.clamp_min(1e-12)
+        if self.dice_weight:
+            seg_loss = seg_loss + self.dice_weight * soft_dice_loss(seg_logits.softmax(1), seg_target, valid)
         cls_loss = F.cross_entropy(self.bound(cls_logits.float()), cls_target.long(), weight=self.cls_class_weights,
                                    label_smoothing=self.label_smoothing)
         total = self.seg_weight * seg_loss + self.cls_weight * cls_loss
@@ -371,7 +394,7 @@ class StableLoss(nn.Module):
 
 def build_loss(cfg: Config) -> StableLoss:
     return StableLoss(cfg.seg_weight, cfg.cls_weight, cfg.ignore_index, cfg.seg_class_weights,
-                      cfg.cls_class_weights, cfg.logit_bound, cfg.label_smoothing)
+                      cfg.cls_class_weights, cfg.logit_bound, cfg.label_smoothing, cfg.dice_weight)
 
 
 # ---- LR schedule ----

@@ -8,6 +8,7 @@ import torch
 
 import train_enhanced_adaptivestream as T
 from config import ConfigError
+from data import uniform_dice
 
 
 def tiny_model(**kwargs):
@@ -30,12 +31,14 @@ def test_decoder_is_five_transposed_conv_stages_from_stride_32():
     assert [f.shape[-1] for f in feats] == [112, 56, 28, 14, 7]
 
 
-def test_initial_loss_is_close_to_ln_c_for_each_head():
+def test_initial_loss_is_close_to_a_uniform_guess_for_each_head():
     torch.manual_seed(0)
     model = T.AdaptiveStream(4, 3, width=8, stream_channels=32, decoder_channels=8)
     seg, cls = model(torch.randn(4, 3, 64, 64))
-    _, parts = T.StableLoss()(seg, cls, torch.randint(0, 4, (4, 64, 64)), torch.randint(0, 3, (4,)))
-    assert parts["seg"].item() == pytest.approx(math.log(4), rel=0.1)
+    masks = torch.randint(0, 4, (4, 64, 64))
+    _, parts = T.StableLoss()(seg, cls, masks, torch.randint(0, 3, (4,)))
+    uniform = math.log(4) + uniform_dice(torch.bincount(masks.flatten(), minlength=4).numpy())  # dice_weight 1
+    assert parts["seg"].item() == pytest.approx(uniform, rel=0.1)
     assert parts["cls"].item() == pytest.approx(math.log(3), rel=0.1)
 
 

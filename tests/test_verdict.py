@@ -15,7 +15,7 @@ import results
 import train_enhanced_adaptivestream as T
 from config import load_config
 from conftest import TINY
-from data import Baselines, majority_scores
+from data import Baselines, dataset_stats, majority_scores, uniform_dice
 from fake_data import make_utkface_folder
 
 # TINY without --no-require-learning: the verdict sets the exit code.
@@ -53,7 +53,10 @@ def test_data_summary_logs_the_baselines(make_run, caplog):
     finally:
         T.log.removeHandler(caplog.handler)
     b = run.baselines
-    assert b.cls_chance == pytest.approx(1 / 3) and b.uniform_loss == pytest.approx(math.log(4) + 0.5 * math.log(3))
+    val_pixels = dataset_stats(run.val_loader.dataset.dataset, run.cfg, sample=None)[0].pixel_counts
+    seg_uniform = math.log(4) + run.cfg.dice_weight * uniform_dice(val_pixels)
+    assert run.cfg.dice_weight > 0 and b.seg_uniform_loss == pytest.approx(seg_uniform)
+    assert b.cls_chance == pytest.approx(1 / 3) and b.uniform_loss == pytest.approx(seg_uniform + 0.5 * math.log(3))
     assert b.val_images == 8
     assert f"mIoU {b.seg_majority_miou:.4f} (majority class everywhere" in caplog.text
 
@@ -139,7 +142,7 @@ def test_a_run_whose_loss_rose_ends_did_not_learn_with_exit_1(high_lr_run, capsy
     end = end_event(run)
     assert end["outcome"] == "finished" and end["exit_code"] == 1 and end["learned"] is False
     assert end["verdict"]["seg"]["verdict"] == "did not learn" and end["verdict"]["seg"]["kind"] == "lr"
-    assert end["baselines"]["uniform_loss"] == pytest.approx(math.log(4) + 0.5 * math.log(3))
+    assert end["baselines"]["uniform_loss"] == pytest.approx(end["baselines"]["seg_uniform_loss"] + 0.5 * math.log(3))
     log = (run / "train.log").read_text()
     assert "did not learn: seg head did not learn" in log and f"diagnose_training.py --run {run}" in log
     assert "is above the loss of a uniform guess" in log  # the per-epoch WARN line
