@@ -132,6 +132,29 @@ def test_decoder_output_smaller_than_the_target_fails_and_the_loss_never_reports
     assert statuses(out.checks)["grad"] == "SKIP"
 
 
+class EqualLogits(nn.Module):
+    """A model that has learned nothing: every class and label equally likely everywhere."""
+
+    def __init__(self, seg_classes: int, cls_classes: int):
+        super().__init__()
+        self.seg_classes, self.cls_classes = seg_classes, cls_classes
+
+    def forward(self, x):
+        return x.new_zeros(x.shape[0], self.seg_classes, *x.shape[2:]), x.new_zeros(x.shape[0], self.cls_classes)
+
+
+def test_initial_loss_of_equal_logits_is_exactly_the_uniform_guess_with_ignored_pixels():
+    # The seg expectation is ln(S) + dice_weight x the Dice of equal logits on the batch's scored pixels: a
+    # model that predicts nothing must land on it (+0%), ignored pixels (255) left out of the counts.
+    cfg = load_config(TINY)
+    (images, masks, labels), _ = tiny_batch(cfg)
+    masks = masks.clone()
+    masks[:, :5] = 255
+    checks = D.check_initial_loss(EqualLogits(4, 3), images, masks, labels, T.build_loss(cfg), cfg)
+    seg = by_name(checks, "loss.init_seg")
+    assert seg.status == "PASS" and ("(+0%)" in seg.value or "(-0%)" in seg.value) and "ln(4) + dice" in seg.value, seg.value
+
+
 def test_unused_parameter_is_named_by_grad_flow():
     cfg = load_config(TINY)
     (images, masks, labels), _ = tiny_batch(cfg)

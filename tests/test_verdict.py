@@ -142,6 +142,7 @@ def test_a_run_whose_loss_rose_ends_did_not_learn_with_exit_1(high_lr_run, capsy
     end = end_event(run)
     assert end["outcome"] == "finished" and end["exit_code"] == 1 and end["learned"] is False
     assert end["verdict"]["seg"]["verdict"] == "did not learn" and end["verdict"]["seg"]["kind"] == "lr"
+    assert end["baselines"]["seg_uniform_loss"] > math.log(4)  # the Dice of a uniform guess is in it
     assert end["baselines"]["uniform_loss"] == pytest.approx(end["baselines"]["seg_uniform_loss"] + 0.5 * math.log(3))
     log = (run / "train.log").read_text()
     assert "did not learn: seg head did not learn" in log and f"diagnose_training.py --run {run}" in log
