@@ -809,10 +809,10 @@ def majority_scores(val_counts: np.ndarray) -> tuple[float, float]:
 def uniform_dice(pixel_counts: np.ndarray) -> float:
     """The soft Dice loss (StableLoss) of equal logits: every pixel gives each of the S classes 1/S, so a
     class of n_c of the N pixels scores 1 - 2 (n_c / S) / (N / S + n_c); the mean over the classes present.
-    Exact for one batch with these counts; for a split's counts it approximates the mean over its batches
-    (a class absent from a batch is left out there, and batches vary): on the default synthetic val split
-    0.839 against 0.841 averaged over its batches of 8 (0.816 over batches of 2), close enough for the
-    verdict's "below a uniform guess" and diagnose's +-25% at init."""
+    Exact for one batch with these counts, and for the val loss, which scores the Dice over the whole split;
+    the train loss averages it per batch (a class absent from a batch is left out there, and batches vary):
+    on the default synthetic val split 0.839 against 0.841 averaged over its batches of 8 (0.816 over
+    batches of 2), close enough for the verdict's "train loss below a uniform guess"."""
     counts = np.asarray(pixel_counts, np.float64)
     present = counts[counts > 0]
     if not len(present):

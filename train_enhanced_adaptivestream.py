@@ -321,22 +321,29 @@ def inference_weights(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 # ---- Loss ----
-def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean over the classes present in the batch's target of 1 - 2|P.T| / (|P| + |T|): P the class's
-    softmax, T its target pixels, both summed over the batch's scored pixels. A class absent from the
-    target is left out (its Dice is undefined; cross-entropy already penalises painting it).
-
-    Every class counts the same however few its pixels: a shape missed whole costs as much as a missed
-    large class, where cross-entropy weighs it by its pixels. Comparisons and sums only (no scatter), so
-    it is deterministic on CUDA too.
-    """
+def dice_sums(probs: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[3, S]: per class the soft intersection |P.T|, |P| + |T| and |T|, over the scored pixels; P the class's
+    softmax, T its target pixels. Sums, so batches and processes add up (evaluate() scores the whole split)."""
     classes = torch.arange(probs.shape[1], device=probs.device).view(1, -1, 1, 1)
     truth = (target.where(valid, -1).unsqueeze(1) == classes).to(probs.dtype)  # [B, S, H, W] one-hot, 0 if ignored
     probs = probs * valid.unsqueeze(1)
-    inter, counts = (probs * truth).sum((0, 2, 3)), truth.sum((0, 2, 3))
-    dice = 1 - 2 * inter / (probs.sum((0, 2, 3)) + counts).clamp_min(1e-12)
-    present = counts > 0
+    counts = truth.sum((0, 2, 3))
+    return torch.stack([(probs * truth).sum((0, 2, 3)), probs.sum((0, 2, 3)) + counts, counts])
+
+
+def dice_from_sums(sums: torch.Tensor) -> torch.Tensor:
+    """Mean over the classes present (|T| > 0) of 1 - 2|P.T| / (|P| + |T|); 0 when no class is present. A class
+    absent from the target is left out: its Dice is undefined, and cross-entropy already penalises painting it."""
+    present = sums[2] > 0
+    dice = 1 - 2 * sums[0] / sums[1].clamp_min(1e-12)
     return (dice * present).sum() / present.sum().clamp_min(1)
+
+
+def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The soft Dice loss of one batch. Every class counts the same however few its pixels: a shape missed
+    whole costs as much as a missed large class, where cross-entropy weighs it by its pixels. Comparisons and
+    sums only (no scatter), so it is deterministic on CUDA too."""
+    return dice_from_sums(dice_sums(probs, target, valid))
 
 
 class StableLoss(nn.Module):
@@ -384,12 +391,15 @@ class StableLoss(nn.Module):
             weight_sum = (self.seg_class_weights[seg_target.where(valid, 0)] * valid).sum()
         # Mean over scored pixels; a batch with no scored pixel contributes 0, not 0/0 = NaN.
         seg_loss = per_pixel.sum() / weight_sum.clamp_min(1e-12)
+        parts = {"seg_ce": seg_loss.detach()}
         if self.dice_weight:
-            seg_loss = seg_loss + self.dice_weight * soft_dice_loss(seg_logits.softmax(1), seg_target, valid)
+            sums = dice_sums(seg_logits.softmax(1), seg_target, valid)
+            seg_loss = seg_loss + self.dice_weight * dice_from_sums(sums)
+            parts["dice_sums"] = sums.detach()
         cls_loss = F.cross_entropy(self.bound(cls_logits.float()), cls_target.long(), weight=self.cls_class_weights,
                                    label_smoothing=self.label_smoothing)
         total = self.seg_weight * seg_loss + self.cls_weight * cls_loss
-        return total, {"seg": seg_loss.detach(), "cls": cls_loss.detach()}
+        return total, {"seg": seg_loss.detach(), "cls": cls_loss.detach(), **parts}
 
 
 def build_loss(cfg: Config) -> StableLoss:
@@ -1448,30 +1458,39 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, loss_fn: StableLoss, cfg: Config, device: torch.device,
              autocast=nullcontext) -> dict[str, Any]:
-    """Loss and confusion matrices over the loader, reduced once at the end (all-reduced under torchrun)."""
+    """Loss and confusion matrices over the loader, reduced once at the end (all-reduced under torchrun).
+
+    The Dice term is scored over the whole split from summed intersections and areas, not averaged over
+    batches, so the val loss does not depend on the batch size or the number of processes.
+    """
     model.eval()
     seg_cm = torch.zeros(cfg.num_seg_classes, cfg.num_seg_classes, dtype=torch.long, device=device)
     cls_cm = torch.zeros(cfg.num_cls_classes, cfg.num_cls_classes, dtype=torch.long, device=device)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, seg, cls (x images), images
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # seg cross-entropy, cls (x images), images
+    dice = torch.zeros(3, cfg.num_seg_classes, dtype=torch.float64, device=device)  # dice_sums over the split
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
         masks = batch["mask"].to(device, non_blocking=True).long()
         labels = torch.as_tensor(batch["label"]).to(device, non_blocking=True).long()
         with autocast():
             seg_logits, cls_logits = model(images)
-        loss, parts = loss_fn(seg_logits, cls_logits, masks, labels)
+        _, parts = loss_fn(seg_logits, cls_logits, masks, labels)
         n = images.shape[0]
-        sums[:3] += torch.stack([loss.detach(), parts["seg"], parts["cls"]]).double() * n
-        sums[3] += n
+        sums[:2] += torch.stack([parts["seg_ce"], parts["cls"]]).double() * n
+        sums[2] += n
+        if "dice_sums" in parts:
+            dice += parts["dice_sums"].double()
         seg_cm += confusion_matrix(seg_logits.argmax(1), masks, cfg.num_seg_classes, cfg.ignore_index)
         cls_cm += confusion_matrix(cls_logits.argmax(1), labels, cfg.num_cls_classes)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        for tensor in (seg_cm, cls_cm, sums):
+        for tensor in (seg_cm, cls_cm, sums, dice):
             torch.distributed.all_reduce(tensor)
     seg_np, cls_np, sums_np = seg_cm.cpu().numpy(), cls_cm.cpu().numpy(), sums.cpu().numpy()
-    n = max(sums_np[3], 1)
-    result: dict[str, Any] = {"val_loss": sums_np[0] / n, "val_seg_loss": sums_np[1] / n,
-                              "val_cls_loss": sums_np[2] / n}
+    n = max(sums_np[2], 1)
+    seg_loss = sums_np[0] / n + loss_fn.dice_weight * dice_from_sums(dice).item()
+    cls_loss = sums_np[1] / n
+    result: dict[str, Any] = {"val_loss": loss_fn.seg_weight * seg_loss + loss_fn.cls_weight * cls_loss,
+                              "val_seg_loss": seg_loss, "val_cls_loss": cls_loss}
     result.update({f"val_{k}": v for k, v in summarize(seg_np, cls_np).items()})
     result["seg_cm"], result["cls_cm"] = seg_np, cls_np
     return result

@@ -225,3 +225,31 @@ def test_a_mask_holding_only_ignore_index_among_class_masks_is_named_in_a_warnin
     (most,) = {r.getMessage() for r in caplog.records if "more than 50%" in r.getMessage()}
     assert str(odd) in only and "mask // 255" in only
     assert str(mostly) in most and "more than 50% ignore_index" in most
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_val_loss_scores_the_dice_over_the_split_whatever_the_batches(batch_size):
+    # evaluate() sums the Dice term's intersections and areas over the split: the val loss of a model must not
+    # depend on how the val images are batched, and equal logits must cost exactly the baseline's uniform guess.
+    import torch
+
+    from data import build_datasets, build_loaders
+
+    cfg = load_config(TINY)
+    train_ds, val_ds = build_datasets(cfg)
+    torch.manual_seed(0)
+    model, loss_fn = T.build_model(cfg), T.build_loss(cfg)
+    scores = {}
+    for size in (8, batch_size):
+        cfg.batch_size = size
+        _, loader = build_loaders(cfg, train_ds, val_ds, torch.device("cpu"))
+        scores[size] = T.evaluate(model, loader, loss_fn, cfg, torch.device("cpu"))["val_seg_loss"]
+    assert scores[batch_size] == pytest.approx(scores[8], rel=1e-6)
+
+    class EqualLogits(torch.nn.Module):
+        def forward(self, x):
+            return x.new_zeros(x.shape[0], 4, *x.shape[2:]), x.new_zeros(x.shape[0], 3)
+
+    uniform = T.evaluate(EqualLogits(), loader, loss_fn, cfg, torch.device("cpu"))["val_seg_loss"]
+    val_pixels = dataset_stats(val_ds, cfg, sample=None)[0].pixel_counts
+    assert uniform == pytest.approx(math.log(4) + cfg.dice_weight * uniform_dice(val_pixels), rel=1e-6)
