@@ -323,7 +323,8 @@ def inference_weights(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
 # ---- Loss ----
 def dice_sums(probs: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[3, S]: per class the soft intersection |P.T|, |P| + |T| and |T|, over the scored pixels; P the class's
-    softmax, T its target pixels. Sums, so batches and processes add up (evaluate() scores the whole split)."""
+    softmax, T its target pixels. Sums, so batches and processes add up (evaluate() scores the whole split).
+    Comparisons and sums only (no scatter), so it is deterministic on CUDA too."""
     classes = torch.arange(probs.shape[1], device=probs.device).view(1, -1, 1, 1)
     truth = (target.where(valid, -1).unsqueeze(1) == classes).to(probs.dtype)  # [B, S, H, W] one-hot, 0 if ignored
     probs = probs * valid.unsqueeze(1)
@@ -332,18 +333,13 @@ def dice_sums(probs: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) ->
 
 
 def dice_from_sums(sums: torch.Tensor) -> torch.Tensor:
-    """Mean over the classes present (|T| > 0) of 1 - 2|P.T| / (|P| + |T|); 0 when no class is present. A class
-    absent from the target is left out: its Dice is undefined, and cross-entropy already penalises painting it."""
+    """The soft Dice loss: the mean over the classes present (|T| > 0) of 1 - 2|P.T| / (|P| + |T|); 0 when no
+    class is present. Every class counts the same however few its pixels: a shape missed whole costs as much
+    as a missed large class, where cross-entropy weighs it by its pixels. A class absent from the target is
+    left out: its Dice is undefined, and cross-entropy already penalises painting it."""
     present = sums[2] > 0
     dice = 1 - 2 * sums[0] / sums[1].clamp_min(1e-12)
     return (dice * present).sum() / present.sum().clamp_min(1)
-
-
-def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """The soft Dice loss of one batch. Every class counts the same however few its pixels: a shape missed
-    whole costs as much as a missed large class, where cross-entropy weighs it by its pixels. Comparisons and
-    sums only (no scatter), so it is deterministic on CUDA too."""
-    return dice_from_sums(dice_sums(probs, target, valid))
 
 
 class StableLoss(nn.Module):
