@@ -388,14 +388,21 @@ class StableLoss(nn.Module):
         # Mean over scored pixels; a batch with no scored pixel contributes 0, not 0/0 = NaN.
         seg_loss = per_pixel.sum() / weight_sum.clamp_min(1e-12)
         parts = {"seg_ce": seg_loss.detach()}
+        sums = None
         if self.dice_weight:
             sums = dice_sums(seg_logits.softmax(1), seg_target, valid)
-            seg_loss = seg_loss + self.dice_weight * dice_from_sums(sums)
             parts["dice_sums"] = sums.detach()
         cls_loss = F.cross_entropy(self.bound(cls_logits.float()), cls_target.long(), weight=self.cls_class_weights,
                                    label_smoothing=self.label_smoothing)
-        total = self.seg_weight * seg_loss + self.cls_weight * cls_loss
+        total, seg_loss = self.combine(seg_loss, sums, cls_loss)
         return total, {"seg": seg_loss.detach(), "cls": cls_loss.detach(), **parts}
+
+    def combine(self, seg_ce: torch.Tensor, sums: torch.Tensor | None,
+                cls_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total, seg) from the segmentation cross-entropy, the Dice term's dice_sums (None: no Dice term)
+        and the classification loss: the one place the parts are weighed, for a batch or a whole split."""
+        seg = seg_ce if sums is None else seg_ce + self.dice_weight * dice_from_sums(sums)
+        return self.seg_weight * seg + self.cls_weight * cls_loss, seg
 
 
 def build_loss(cfg: Config) -> StableLoss:
@@ -1481,12 +1488,10 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: StableLoss, cfg: Con
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         for tensor in (seg_cm, cls_cm, sums, dice):
             torch.distributed.all_reduce(tensor)
-    seg_np, cls_np, sums_np = seg_cm.cpu().numpy(), cls_cm.cpu().numpy(), sums.cpu().numpy()
-    n = max(sums_np[2], 1)
-    seg_loss = sums_np[0] / n + loss_fn.dice_weight * dice_from_sums(dice).item()
-    cls_loss = sums_np[1] / n
-    result: dict[str, Any] = {"val_loss": loss_fn.seg_weight * seg_loss + loss_fn.cls_weight * cls_loss,
-                              "val_seg_loss": seg_loss, "val_cls_loss": cls_loss}
+    seg_ce, cls_loss = sums[:2] / sums[2].clamp_min(1)
+    total, seg_loss = loss_fn.combine(seg_ce, dice if loss_fn.dice_weight else None, cls_loss)
+    seg_np, cls_np = seg_cm.cpu().numpy(), cls_cm.cpu().numpy()
+    result: dict[str, Any] = {"val_loss": total.item(), "val_seg_loss": seg_loss.item(), "val_cls_loss": cls_loss.item()}
     result.update({f"val_{k}": v for k, v in summarize(seg_np, cls_np).items()})
     result["seg_cm"], result["cls_cm"] = seg_np, cls_np
     return result
