@@ -59,7 +59,7 @@ SEG_WEIGHT: float = 1.0  # weight of the segmentation loss (cross-entropy + dice
 DICE_WEIGHT: float = 1.0  # weight of the soft Dice term beside the segmentation cross-entropy; 0 = cross-entropy only
 CLS_WEIGHT: float = 0.5  # weight of the classification cross-entropy
 IGNORE_INDEX: int = 255  # mask value that is not scored
-SEG_CLASS_WEIGHTS: list[float] | str | None = None  # per-class weights of the segmentation loss; auto = inverse pixel frequency (training split)
+SEG_CLASS_WEIGHTS: list[float] | str | None = None  # per-class weights of the segmentation cross-entropy (not the Dice term); auto = inverse pixel frequency (training split)
 CLS_CLASS_WEIGHTS: list[float] | str | None = None  # per-class weights of the classification loss; auto = inverse label frequency (training split)
 LABEL_SMOOTHING: float = 0.0  # label smoothing of both cross-entropies
 LOGIT_BOUND: float = 15.0  # logits pass through c*x/(c+|x|) in the loss: bounded, gradient never 0

@@ -14,6 +14,9 @@ PYTHON=${PYTHON:-.venv/bin/python}
 OUT=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)") || {
     echo "gpu_check: $PYTHON cannot import torch" >&2; exit 2; }
+"$PYTHON" -c "import pytest" 2>/dev/null || {
+    echo "gpu_check: $PYTHON cannot import pytest (its test steps need it): .venv/bin/pip install -r requirements-dev.txt" >&2
+    exit 2; }
 NAMES=(); RESULTS=(); FAILED=0
 # Tiny benchmark settings: the check is that each mode runs, not how fast (benchmarks/README.md times them).
 BENCH=(--steps 4 --warmup 2 --eval-batches 2 --loader-batches 2 --image-size 64 --batch-size 8)
