@@ -3,7 +3,7 @@
 # on CUDA, the benchmark in fp32, bf16 + channels-last and --compile on, a 5-epoch default run in fp32
 # and in bf16 (same seed, final accuracies printed under the table), and torchrun with one process per
 # GPU when there are 2 or more.
-# Prints one summary table; exits 1 if any part failed.
+# Prints one summary table; exits 1 if any part failed, 2 when $PYTHON lacks torch or pytest.
 # Without CUDA it runs the CPU equivalents (quick, tiny), says what it skipped and why, and exits 0
 # when those pass.
 #
@@ -11,12 +11,12 @@
 set -u
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-OUT=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)") || {
     echo "gpu_check: $PYTHON cannot import torch" >&2; exit 2; }
 "$PYTHON" -c "import pytest" 2>/dev/null || {
     echo "gpu_check: $PYTHON cannot import pytest (its test steps need it): .venv/bin/pip install -r requirements-dev.txt" >&2
     exit 2; }
+OUT=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 NAMES=(); RESULTS=(); FAILED=0
 # Tiny benchmark settings: the check is that each mode runs, not how fast (benchmarks/README.md times them).
 BENCH=(--steps 4 --warmup 2 --eval-batches 2 --loader-batches 2 --image-size 64 --batch-size 8)
