@@ -1491,7 +1491,8 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: StableLoss, cfg: Con
     seg_ce, cls_loss = sums[:2] / sums[2].clamp_min(1)
     total, seg_loss = loss_fn.combine(seg_ce, dice if loss_fn.dice_weight else None, cls_loss)
     seg_np, cls_np = seg_cm.cpu().numpy(), cls_cm.cpu().numpy()
-    result: dict[str, Any] = {"val_loss": total.item(), "val_seg_loss": seg_loss.item(), "val_cls_loss": cls_loss.item()}
+    val_loss, val_seg_loss, val_cls_loss = torch.stack([total, seg_loss, cls_loss]).tolist()  # one host sync
+    result: dict[str, Any] = {"val_loss": val_loss, "val_seg_loss": val_seg_loss, "val_cls_loss": val_cls_loss}
     result.update({f"val_{k}": v for k, v in summarize(seg_np, cls_np).items()})
     result["seg_cm"], result["cls_cm"] = seg_np, cls_np
     return result
