@@ -39,7 +39,8 @@ VAL_FRACTION: float = 0.2  # folder without splits/*.txt: share of images for va
 SKIP_BAD_SAMPLES: bool = False  # drop the bad samples found at start-up (listed in the run folder) instead of stopping
 PET_TARGET: str = "breed"  # oxford_pet image label: breed (37 classes) | species (2: cat, dog)
 DOWNLOAD: bool = False  # oxford_pet: let torchvision download the dataset into DATA_ROOT (needs internet)
-SYNTHETIC_TRAIN_SIZE: int = 768  # synthetic training images (generated once, deterministic from SEED)
+SYNTHETIC_TRAIN_SIZE: int = 768  # synthetic training images per epoch (each a pure function of SEED and its index)
+SYNTHETIC_TRAIN_SETS: int = 4  # synthetic: epoch e trains on set e mod this of SYNTHETIC_TRAIN_SIZE images (4: 3,072 distinct); 1 = the same images every epoch
 SYNTHETIC_VAL_SIZE: int = 192  # synthetic validation images
 NUM_WORKERS: int = 0  # DataLoader worker processes (0 = load in the training process)
 AUGMENT: bool = True  # random training augmentation below; --no-augment: resize + centre crop, as validation
@@ -128,7 +129,8 @@ _CHOICES = {
     "CHANNELS_LAST": ("auto", "on", "off"),
     "COMPILE": ("auto", "on", "off"),
 }
-_POSITIVE = {"IMAGE_SIZE", "MASK_SCALE", "CROP_SCALE", "VAL_FRACTION", "NUM_SEG_CLASSES", "NUM_CLS_CLASSES", "SYNTHETIC_TRAIN_SIZE", "SYNTHETIC_VAL_SIZE",
+_POSITIVE = {"IMAGE_SIZE", "MASK_SCALE", "CROP_SCALE", "VAL_FRACTION", "NUM_SEG_CLASSES", "NUM_CLS_CLASSES", "SYNTHETIC_TRAIN_SIZE", "SYNTHETIC_TRAIN_SETS",
+             "SYNTHETIC_VAL_SIZE",
              "WIDTH", "STREAM_CHANNELS", "DECODER_CHANNELS", "EPOCHS", "BATCH_SIZE", "BASE_LR", "MIN_LR",
              "MAX_CONSECUTIVE_SKIPS", "SNAPSHOT_EVERY", "LR_BACKOFF", "VIS_SAMPLES",
              "MAX_GRAD_NORM", "SKIP_GRAD_NORM", "LR_GAMMA", "LOGIT_BOUND", "SPIKE_WINDOW", "LOG_INTERVAL"}
@@ -363,7 +365,8 @@ def _validate_modes(cfg: Config) -> None:
 DATASET_ONLY = {"data_root": ("folder", "oxford_pet"), "mask_suffix": ("folder",), "mask_scale": ("folder",),
                 "color_map": ("folder",), "label_regex": ("folder",), "val_fraction": ("folder",),
                 "pet_target": ("oxford_pet",), "download": ("oxford_pet",),
-                "synthetic_train_size": ("synthetic",), "synthetic_val_size": ("synthetic",)}
+                "synthetic_train_size": ("synthetic",), "synthetic_train_sets": ("synthetic",),
+                "synthetic_val_size": ("synthetic",)}
 
 
 def unused_settings(cfg: Config) -> list[str]:

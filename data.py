@@ -99,20 +99,26 @@ class SyntheticShapes(Dataset):
     Mask = shape class per pixel (0 = background). Label = class of the shape with the most
     visible pixels, minus one, modulo the number of image classes. Sample i is a pure function
     of (seed, split, i), so every worker and every run sees the same data.
+
+    An epoch is `size` images; the dataset holds `sets` such sets, and index i of set k is sample
+    k * size + i (set 0 is samples 0..size-1). ResumableSampler draws epoch e from set e mod sets:
+    a fixed set of 768 images is memorised by the cls head, more distinct ones are not (docs/results.md).
     """
 
     def __init__(self, size: int, image_size: int, num_seg_classes: int, num_cls_classes: int,
-                 seed: int, split: str, transform: v2.Transform | None = None):
-        self.size, self.image_size, self.transform = size, image_size, transform
+                 seed: int, split: str, transform: v2.Transform | None = None, sets: int = 1):
+        self.size, self.sets, self.image_size, self.transform = size, sets, image_size, transform
         self.num_seg_classes, self.num_cls_classes = num_seg_classes, num_cls_classes
         self.seed, self.split = seed, split
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
     def __len__(self) -> int:
-        return self.size
+        return self.size  # one epoch; samples size..sets*size-1 are the other sets
 
     def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Untransformed uint8 image [3, H, W], uint8 mask [H, W], label."""
+        if not 0 <= index < self.size * self.sets:
+            raise IndexError(f"synthetic {self.split} sample {index} out of range: {self.sets} set(s) of {self.size}")
         if index not in self._cache:
             rng = np.random.default_rng([self.seed, 0 if self.split == "train" else 1, index])
             image, mask = _render_shapes(rng, self.image_size, self.num_seg_classes)
@@ -748,9 +754,12 @@ def build_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
     """(train, val) datasets for cfg.dataset; raise DataError naming the file on bad data."""
     log.info(describe_augmentation(cfg))
     if cfg.dataset == "synthetic":
+        log.info("synthetic data: %d training images an epoch, epoch e from set e mod %d (%d distinct images); %d val",
+                 cfg.synthetic_train_size, cfg.synthetic_train_sets, cfg.synthetic_train_size * cfg.synthetic_train_sets,
+                 cfg.synthetic_val_size)
         common = dict(image_size=cfg.image_size, num_seg_classes=cfg.num_seg_classes,
                       num_cls_classes=cfg.num_cls_classes, seed=cfg.seed)
-        return (SyntheticShapes(cfg.synthetic_train_size, split="train",
+        return (SyntheticShapes(cfg.synthetic_train_size, split="train", sets=cfg.synthetic_train_sets,
                                 transform=build_transforms(cfg, train=True), **common),
                 SyntheticShapes(cfg.synthetic_val_size, split="val",
                                 transform=build_transforms(cfg, train=False), **common))
@@ -915,18 +924,20 @@ def _seed_worker(worker_id: int) -> None:
 
 class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
     """DistributedSampler (order a pure function of seed and epoch, sharded by rank) that can start
-    mid-epoch: set_epoch(epoch, start_batch) skips the batches a resumed run already trained on."""
+    mid-epoch: set_epoch(epoch, start_batch) skips the batches a resumed run already trained on.
+    Over a dataset of `sets` sets (SyntheticShapes) epoch e draws its len(dataset) indices from set e mod sets."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, **kwargs: Any):
+    def __init__(self, dataset: Dataset, batch_size: int, sets: int = 1, **kwargs: Any):
         super().__init__(dataset, **kwargs)
-        self.batch_size, self.start = batch_size, 0
+        self.batch_size, self.sets, self.start = batch_size, sets, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         super().set_epoch(epoch)
         self.start = start_batch * self.batch_size
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start:])
+        offset = (self.epoch % self.sets) * len(self.dataset)
+        return iter([offset + i for i in list(super().__iter__())[self.start:]])
 
     def __len__(self) -> int:
         return self.num_samples - self.start
@@ -946,8 +957,8 @@ def build_loaders(cfg: Config, train_ds: Dataset, val_ds: Dataset, device: torch
     generator = torch.Generator().manual_seed(cfg.seed + rank)
     common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, worker_init_fn=_seed_worker,
                   pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
-    train_sampler = ResumableSampler(train_ds, cfg.batch_size, num_replicas=world_size, rank=rank, shuffle=True,
-                                     seed=cfg.seed, drop_last=True)
+    train_sampler = ResumableSampler(train_ds, cfg.batch_size, sets=train_ds.sets if isinstance(train_ds, SyntheticShapes) else 1, num_replicas=world_size,
+                                     rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
     train = DataLoader(train_ds, sampler=train_sampler, drop_last=True, generator=generator, **common)
     val = DataLoader(torch.utils.data.Subset(val_ds, range(rank, len(val_ds), world_size)), shuffle=False, **common)
     return train, val

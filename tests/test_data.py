@@ -430,6 +430,33 @@ def test_synthetic_stays_the_default_and_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first.sample(3)[:2], second.sample(3)[:2]))
 
 
+def epoch_indices(loader, epoch, start_batch=0):
+    loader.sampler.set_epoch(epoch, start_batch=start_batch)
+    return [int(i.split("/")[1]) for batch in loader for i in batch["id"]]
+
+
+def test_synthetic_epochs_cycle_through_their_training_sets():
+    cfg = load_config(TINY + ["--synthetic-train-sets", "3"])  # 16 images an epoch, batches of 4
+    train, val = build_datasets(cfg)
+    loader, _ = build_loaders(cfg, train, val, torch.device("cpu"))
+    for epoch in range(5):  # epoch e: all of set e mod 3, in an order of its own
+        assert sorted(epoch_indices(loader, epoch)) == list(range(16 * (epoch % 3), 16 * (epoch % 3 + 1)))
+    assert epoch_indices(loader, 4) != [i + 16 for i in epoch_indices(loader, 0)]
+    # a resumed epoch starts at its batch, in the same set and order
+    assert epoch_indices(loader, 4, start_batch=2) == epoch_indices(loader, 4)[8:]
+    # set 0 is the images one set would hold; the other sets are other images, the val split is unchanged
+    one_train, one_val = build_datasets(load_config(TINY + ["--synthetic-train-sets", "1"]))
+    assert all(torch.equal(train.sample(i)[0], one_train.sample(i)[0]) for i in range(16))
+    assert not torch.equal(train.sample(16)[0], train.sample(0)[0])
+    assert torch.equal(val.sample(3)[0], one_val.sample(3)[0])
+    one_loader, _ = build_loaders(cfg, one_train, one_val, torch.device("cpu"))
+    assert sorted(epoch_indices(one_loader, 4)) == list(range(16))
+    with pytest.raises(IndexError, match="sample 48 out of range: 3 set"):
+        train.sample(48)
+    with pytest.raises(ConfigError, match="synthetic_train_sets"):
+        load_config(TINY + ["--synthetic-train-sets", "0"])
+
+
 def test_class_weight_setting_accepts_auto_and_rejects_other_words():
     assert load_config(["--seg-class-weights", "auto"]).seg_class_weights == "auto"
     with pytest.raises(ConfigError, match="cls_class_weights: 'atuo' is neither 'auto' nor a list"):

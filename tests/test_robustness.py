@@ -28,6 +28,9 @@ def metrics(run_dir):
     return list(csv.DictReader(open(run_dir / "metrics.csv")))
 
 
+ONE_SET = ["--synthetic-train-sets", "1"]  # the same images (and the poisoned one) every epoch
+
+
 def poison_sample(monkeypatch, index):
     """Make training sample `index` an image with a NaN pixel, on the CPU side like real bad data."""
     original = build_datasets
@@ -52,7 +55,7 @@ def poison_sample(monkeypatch, index):
 
 def test_nan_image_is_skipped_counted_and_its_batch_saved(monkeypatch, tiny_args, tmp_path):
     poison_sample(monkeypatch, 5)
-    assert T.main(tiny_args) == 0
+    assert T.main(tiny_args + ONE_SET) == 0
     run_dir = tmp_path / "run"
     assert [r["skipped_steps"] for r in metrics(run_dir)] == ["1", "1"]  # sample 5 is in one batch per epoch
     skips = events(run_dir, "skip")
@@ -151,7 +154,7 @@ def test_the_snapshot_is_refreshed_every_snapshot_every_accepted_steps(make_run,
 
 def test_bad_batch_limit_caps_the_saved_batches_but_every_skip_is_logged(monkeypatch, tiny_args, tmp_path):
     poison_sample(monkeypatch, 5)  # in one batch per epoch: 2 skipped steps
-    assert T.main(tiny_args + ["--bad-batch-limit", "1"]) == 0
+    assert T.main(tiny_args + ONE_SET + ["--bad-batch-limit", "1"]) == 0
     run_dir = tmp_path / "run"
     skips = events(run_dir, "skip")
     assert [s["reason"] for s in skips] == ["non-finite loss"] * 2
