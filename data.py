@@ -754,9 +754,9 @@ def build_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
     """(train, val) datasets for cfg.dataset; raise DataError naming the file on bad data."""
     log.info(describe_augmentation(cfg))
     if cfg.dataset == "synthetic":
-        log.info("synthetic data: %d training images an epoch, epoch e from set e mod %d (%d distinct images); %d val",
-                 cfg.synthetic_train_size, cfg.synthetic_train_sets, cfg.synthetic_train_size * cfg.synthetic_train_sets,
-                 cfg.synthetic_val_size)
+        log.info("synthetic data: %d training images an epoch, epoch e from set e mod %d (%d distinct images); "
+                 "%d val", cfg.synthetic_train_size, cfg.synthetic_train_sets,
+                 cfg.synthetic_train_size * cfg.synthetic_train_sets, cfg.synthetic_val_size)
         common = dict(image_size=cfg.image_size, num_seg_classes=cfg.num_seg_classes,
                       num_cls_classes=cfg.num_cls_classes, seed=cfg.seed)
         return (SyntheticShapes(cfg.synthetic_train_size, split="train", sets=cfg.synthetic_train_sets,
@@ -957,8 +957,9 @@ def build_loaders(cfg: Config, train_ds: Dataset, val_ds: Dataset, device: torch
     generator = torch.Generator().manual_seed(cfg.seed + rank)
     common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, worker_init_fn=_seed_worker,
                   pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
-    train_sampler = ResumableSampler(train_ds, cfg.batch_size, sets=train_ds.sets if isinstance(train_ds, SyntheticShapes) else 1, num_replicas=world_size,
-                                     rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    sets = train_ds.sets if isinstance(train_ds, SyntheticShapes) else 1
+    train_sampler = ResumableSampler(train_ds, cfg.batch_size, sets=sets, num_replicas=world_size, rank=rank,
+                                     shuffle=True, seed=cfg.seed, drop_last=True)
     train = DataLoader(train_ds, sampler=train_sampler, drop_last=True, generator=generator, **common)
     val = DataLoader(torch.utils.data.Subset(val_ds, range(rank, len(val_ds), world_size)), shuffle=False, **common)
     return train, val
