@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import re
 from pathlib import Path
@@ -14,7 +15,7 @@ import yaml
 from PIL import Image
 
 import train_enhanced_adaptivestream as T
-from data import DataError, DataStats, IMAGENET_MEAN, IMAGENET_STD, build_datasets, build_loaders, data_baselines, report_data, resolve_data_settings
+from data import DataError, DataStats, SyntheticShapes, IMAGENET_MEAN, IMAGENET_STD, build_datasets, build_loaders, data_baselines, report_data, resolve_data_settings
 from config import ConfigError, load_config
 from conftest import TINY
 from fake_data import HEIGHT, PET_BREEDS, WIDTH, face_image, make_oxford_pet, make_utkface_folder
@@ -428,6 +429,23 @@ def test_synthetic_stays_the_default_and_deterministic():
     assert cfg.dataset == "synthetic"
     first, second = build_datasets(cfg)[0], build_datasets(cfg)[0]
     assert all(torch.equal(a, b) for a, b in zip(first.sample(3)[:2], second.sample(3)[:2]))
+
+
+def test_synthetic_samples_match_their_recorded_fingerprint():
+    """Every figure in docs/results.md and benchmarks/README.md was measured on these images: a change to
+    the renderer (or to numpy's random stream) that alters a pixel fails here, not silently in the tables."""
+    def fingerprint(split, indices, **kw):
+        ds = SyntheticShapes(8, 224, 4, 3, seed=0, split=split, **kw)
+        digest = hashlib.sha256()
+        for i in indices:
+            image, mask, label = ds.sample(i)
+            digest.update(image.numpy().tobytes() + mask.numpy().tobytes() + bytes([label]))
+        return digest.hexdigest()
+
+    assert fingerprint("train", (0, 1, 9), sets=2) == "196403f0ad1eac6f5fadbd3b58a58b280dffc58df17660fec230eaa872209c75", \
+        "the synthetic training images changed: every synthetic figure in the docs must be re-measured"
+    assert fingerprint("val", (0, 5)) == "491703587f4244acf2d3e1bd6c6273bec50aeabca82f2f9bfc24e0696176574d", \
+        "the synthetic val images changed: every synthetic figure in the docs must be re-measured"
 
 
 def epoch_indices(loader, epoch, start_batch=0):
