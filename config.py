@@ -58,6 +58,7 @@ DECODER_CHANNELS: int = 16  # channels of the last (full-resolution) decoder sta
 # ---- Loss ----
 SEG_WEIGHT: float = 1.0  # weight of the segmentation loss (cross-entropy + dice_weight x soft Dice)
 DICE_WEIGHT: float = 1.0  # weight of the soft Dice term beside the segmentation cross-entropy; 0 = cross-entropy only
+AUX_WEIGHT: float = 0.4  # deep supervision: weight of a cross-entropy on coarse (stride-8 decoder) seg logits, training only; 0 = off (no aux head)
 CLS_WEIGHT: float = 0.5  # weight of the classification cross-entropy
 IGNORE_INDEX: int = 255  # mask value that is not scored
 SEG_CLASS_WEIGHTS: list[float] | str | None = None  # per-class weights of the segmentation cross-entropy (not the Dice term); auto = inverse pixel frequency (training split)
@@ -134,7 +135,7 @@ _POSITIVE = {"IMAGE_SIZE", "MASK_SCALE", "CROP_SCALE", "VAL_FRACTION", "NUM_SEG_
              "WIDTH", "STREAM_CHANNELS", "DECODER_CHANNELS", "EPOCHS", "BATCH_SIZE", "BASE_LR", "MIN_LR",
              "MAX_CONSECUTIVE_SKIPS", "SNAPSHOT_EVERY", "LR_BACKOFF", "VIS_SAMPLES",
              "MAX_GRAD_NORM", "SKIP_GRAD_NORM", "LR_GAMMA", "LOGIT_BOUND", "SPIKE_WINDOW", "LOG_INTERVAL"}
-_NON_NEGATIVE = {"EMA_DECAY", "DICE_WEIGHT", "NUM_WORKERS", "SEG_WEIGHT", "CLS_WEIGHT", "WEIGHT_DECAY", "MOMENTUM", "WARMUP_EPOCHS",
+_NON_NEGATIVE = {"EMA_DECAY", "DICE_WEIGHT", "AUX_WEIGHT", "NUM_WORKERS", "SEG_WEIGHT", "CLS_WEIGHT", "WEIGHT_DECAY", "MOMENTUM", "WARMUP_EPOCHS",
                  "GRAD_SPIKE_FACTOR", "LOSS_SPIKE_FACTOR", "HFLIP", "COLOR_JITTER", "SPIKE_WARMUP", "PATIENCE", "SEED",
                  "LABEL_SMOOTHING", "BN_RECALIBRATE", "MAX_ROLLBACKS", "BAD_BATCH_LIMIT", "CHECKPOINT_EVERY", "VIS_EVERY"}
 _FRACTIONS = {"EMA_DECAY", "VAL_FRACTION", "HFLIP", "CROP_SCALE", "COLOR_JITTER", "MAX_SKIP_FRACTION", "LABEL_SMOOTHING",

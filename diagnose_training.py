@@ -440,8 +440,7 @@ def check_gradients(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
     """Every trainable parameter gets a finite gradient; total and per-layer norms; vanishing/exploding layers."""
     with preserved(model):
         model.train()
-        seg, cls = model(images)
-        loss_fn(seg, cls, masks, labels)[0].backward()
+        T.training_objective(model, loss_fn, images, masks, labels)[0].backward()
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         missing = [n for n, p in named if p.grad is None]
         flowing = [(n, p) for n, p in named if p.grad is not None]
@@ -626,9 +625,7 @@ def find_nonfinite(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, 
         with preserved(model), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # list outputs (the encoder's) get no backward hook
             model.train()
-            with T.autocast(amp, device):
-                seg, cls = model(images)
-            loss = loss_fn(seg, cls, masks, labels)[0]
+            loss = T.training_objective(model, loss_fn, images, masks, labels, lambda: T.autocast(amp, device))[0]
             loss.backward()
             params = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
             grads = [p.grad.detach() for _, p in params]

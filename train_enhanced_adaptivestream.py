@@ -211,10 +211,14 @@ class AdaptiveStream(nn.Module):
     padded to a multiple of 32 and the logits cropped back, so they always match the target's size.
     The classification head sees the pooled bottleneck and pooled decoder features: a head on the
     bottleneck alone depends on BatchNorm statistics of one deep path and its eval accuracy can decay.
+    With aux_head (deep supervision, AUX_WEIGHT > 0), forward(x, aux=True) also returns coarse seg logits
+    [B, S, H/8, W/8] of the stride-8 decoder stage, for the training loss only: supervising the coarse
+    stage directly, the decoder learns whole shapes sooner (docs/results.md).
     """
 
     def __init__(self, num_seg_classes: int, num_cls_classes: int, backbone: str = "adaptivestream",
-                 pretrained: bool = False, width: int = 16, stream_channels: int = 128, decoder_channels: int = 16):
+                 pretrained: bool = False, width: int = 16, stream_channels: int = 128, decoder_channels: int = 16,
+                 aux_head: bool = False):
         super().__init__()
         if backbone == "adaptivestream":
             self.encoder: nn.Module = BuiltinEncoder(width)
@@ -230,6 +234,7 @@ class AdaptiveStream(nn.Module):
         cins = [stream_channels] + dec[:-1]
         self.decoder = nn.ModuleList(UpStage(ci, cs, co) for ci, cs, co in zip(cins, skips, dec))
         self.seg_head = nn.Conv2d(dec[-1], num_seg_classes, 1)
+        self.aux_head = nn.Conv2d(dec[1], num_seg_classes, 1) if aux_head else None  # stride 8
         pooled = stream_channels + dec[0] + dec[1] + dec[2]
         self.cls_head = nn.Sequential(nn.Dropout(0.1), nn.Linear(pooled, num_cls_classes))
         self._init_weights(pretrained_encoder=pretrained and backbone != "adaptivestream")
@@ -248,11 +253,12 @@ class AdaptiveStream(nn.Module):
         # 4-image batches was up to 27% above ln(C) over 12 seeds, at 0.25 within 13%. Much smaller (1e-3)
         # measured slower: Adam grows a weight by ~lr per step, and the seg head took >1000 steps to beat
         # the class prior.
-        for head, scale in ((self.seg_head, 0.5), (self.cls_head[-1], 0.25)):
+        heads = [(self.seg_head, 0.5)] + ([(self.aux_head, 0.5)] if self.aux_head is not None else [])
+        for head, scale in heads + [(self.cls_head[-1], 0.25)]:
             nn.init.normal_(head.weight, std=scale * head.weight[0].numel() ** -0.5)
             nn.init.zeros_(head.bias)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, aux: bool = False) -> tuple[torch.Tensor, ...]:
         height, width = x.shape[-2:]
         # Pad right and bottom with zeros (the mean colour after normalisation) to 32 * ceil(size / 32), also
         # when that pad is 0 (then it is a copy): with no branch on the size and the padded size written as
@@ -265,15 +271,21 @@ class AdaptiveStream(nn.Module):
             y = stage(y, skip)
             if i < 3:
                 pooled.append(y.mean(dim=(2, 3)))
+            if i == 1:
+                coarse = y  # stride 8
         seg = self.seg_head(y)[..., :height, :width]  # [B, S, H, W]
         cls = self.cls_head(torch.cat(pooled, dim=1))  # [B, C]
+        if aux:
+            if self.aux_head is None:
+                raise ValueError("aux=True: this model was built without an aux head (aux_weight 0)")
+            return seg, cls, self.aux_head(coarse)
         return seg, cls
 
 
 def build_model(cfg: Config) -> AdaptiveStream:
     return AdaptiveStream(cfg.num_seg_classes, cfg.num_cls_classes, backbone=cfg.backbone,
                           pretrained=cfg.pretrained, width=cfg.width, stream_channels=cfg.stream_channels,
-                          decoder_channels=cfg.decoder_channels)
+                          decoder_channels=cfg.decoder_channels, aux_head=cfg.aux_weight > 0)
 
 
 class WeightEMA:
@@ -350,13 +362,17 @@ class StableLoss(nn.Module):
     float32 gradient is exactly 0 once |x| > ~9c, its gradient never vanishes. A non-finite loss is
     returned as it is: the training loop's guard skips that step and counts it. Class weights and label
     smoothing apply to the cross-entropies; the Dice term weighs every class the same by construction.
+    aux() is the deep-supervision term the training step adds to what it optimises; forward() and the
+    reported losses leave it out, so train and val losses stay comparable.
     """
 
     def __init__(self, seg_weight: float = 1.0, cls_weight: float = 0.5, ignore_index: int = 255,
                  seg_class_weights: Iterable[float] | None = None, cls_class_weights: Iterable[float] | None = None,
-                 logit_bound: float = 15.0, label_smoothing: float = 0.0, dice_weight: float = 1.0):
+                 logit_bound: float = 15.0, label_smoothing: float = 0.0, dice_weight: float = 1.0,
+                 aux_weight: float = 0.0):
         super().__init__()
         self.seg_weight, self.cls_weight, self.dice_weight = seg_weight, cls_weight, dice_weight
+        self.aux_weight = aux_weight
         self.ignore_index, self.logit_bound, self.label_smoothing = ignore_index, logit_bound, label_smoothing
         self.register_buffer("seg_class_weights", None if seg_class_weights is None
                              else torch.tensor(list(seg_class_weights), dtype=torch.float32))
@@ -377,16 +393,7 @@ class StableLoss(nn.Module):
                              f"target {tuple(cls_target.shape)} [B]")
         seg_target = seg_target.long()
         seg_logits = self.bound(seg_logits.float())
-        per_pixel = F.cross_entropy(seg_logits, seg_target, weight=self.seg_class_weights,
-                                    ignore_index=self.ignore_index, reduction="none",
-                                    label_smoothing=self.label_smoothing)
-        valid = seg_target != self.ignore_index
-        if self.seg_class_weights is None:
-            weight_sum = valid.sum()
-        else:
-            weight_sum = (self.seg_class_weights[seg_target.where(valid, 0)] * valid).sum()
-        # Mean over scored pixels; a batch with no scored pixel contributes 0, not 0/0 = NaN.
-        seg_loss = per_pixel.sum() / weight_sum.clamp_min(1e-12)
+        seg_loss, valid = self.seg_ce(seg_logits, seg_target)
         parts = {"seg_ce": seg_loss.detach()}
         sums = None
         if self.dice_weight:
@@ -396,6 +403,24 @@ class StableLoss(nn.Module):
                                    label_smoothing=self.label_smoothing)
         total, seg_loss = self.combine(seg_loss, sums, cls_loss)
         return total, {"seg": seg_loss.detach(), "cls": cls_loss.detach(), **parts}
+
+    def seg_ce(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the weighted mean cross-entropy over scored pixels, the scored-pixel mask) of bounded logits."""
+        per_pixel = F.cross_entropy(logits, target, weight=self.seg_class_weights, ignore_index=self.ignore_index,
+                                    reduction="none", label_smoothing=self.label_smoothing)
+        valid = target != self.ignore_index
+        if self.seg_class_weights is None:
+            weight_sum = valid.sum()
+        else:
+            weight_sum = (self.seg_class_weights[target.where(valid, 0)] * valid).sum()
+        # Mean over scored pixels; a batch with no scored pixel contributes 0, not 0/0 = NaN.
+        return per_pixel.sum() / weight_sum.clamp_min(1e-12), valid
+
+    def aux(self, aux_logits: torch.Tensor, seg_target: torch.Tensor) -> torch.Tensor:
+        """Deep supervision: SEG_WEIGHT x AUX_WEIGHT x the cross-entropy of the coarse logits [B, S, h, w],
+        upsampled bilinearly to the target's size (then bounded), in float32."""
+        logits = F.interpolate(aux_logits.float(), size=seg_target.shape[-2:], mode="bilinear", align_corners=False)
+        return self.seg_weight * self.aux_weight * self.seg_ce(self.bound(logits), seg_target.long())[0]
 
     def combine(self, seg_ce: torch.Tensor, sums: torch.Tensor | None,
                 cls_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -407,7 +432,7 @@ class StableLoss(nn.Module):
 
 def build_loss(cfg: Config) -> StableLoss:
     return StableLoss(cfg.seg_weight, cfg.cls_weight, cfg.ignore_index, cfg.seg_class_weights,
-                      cfg.cls_class_weights, cfg.logit_bound, cfg.label_smoothing, cfg.dice_weight)
+                      cfg.cls_class_weights, cfg.logit_bound, cfg.label_smoothing, cfg.dice_weight, cfg.aux_weight)
 
 
 # ---- LR schedule ----
@@ -1004,6 +1029,10 @@ def load_checkpoint(path: str | Path, cfg: Config | None = None) -> dict[str, An
             if saved.get(key) != getattr(cfg, key):
                 raise CheckpointError(f"checkpoint {path} was trained with {key}={saved.get(key)!r}, "
                                       f"but the current config has {key}={getattr(cfg, key)!r}")
+        if (saved.get("aux_weight", 0) > 0) != (cfg.aux_weight > 0):  # the aux head exists iff aux_weight > 0
+            raise CheckpointError(f"checkpoint {path} was trained with aux_weight={saved.get('aux_weight', 0)!r}, but the "
+                                  f"current config has aux_weight={cfg.aux_weight!r}: one has the aux head, the other "
+                                  f"not; leave --aux-weight out (the checkpoint's setting applies) or give its value")
     check_model_layout(path, payload)
     return payload
 
@@ -1153,6 +1182,18 @@ def to_device(batch: dict[str, Any], run: Run) -> tuple[torch.Tensor, torch.Tens
     return images, masks, labels
 
 
+def training_objective(model: nn.Module, loss_fn: StableLoss, images: torch.Tensor, masks: torch.Tensor,
+                       labels: torch.Tensor, autocast=nullcontext) -> tuple[torch.Tensor, ...]:
+    """(objective, loss, parts, cls_logits) of one training-mode forward. loss and parts are what is reported
+    (comparable to the val loss); objective is what a step optimises and guards: loss plus the
+    deep-supervision term when the model has an aux head (AUX_WEIGHT > 0)."""
+    aux = getattr(unwrap(model), "aux_head", None) is not None
+    with autocast():
+        outputs = model(images, aux=True) if aux else model(images)
+    loss, parts = loss_fn(outputs[0], outputs[1], masks, labels)
+    return (loss + loss_fn.aux(outputs[2], masks) if aux else loss), loss, parts, outputs[1]
+
+
 def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """One guarded step. Returns [loss, seg, cls, grad_norm, reason, cls_correct] on the device, no host sync.
 
@@ -1162,21 +1203,19 @@ def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor, labels: torc
     if guard is not None:
         guard.stash_buffers()
     optimizer.zero_grad(set_to_none=True)
-    with run.autocast():
-        seg_logits, cls_logits = model(images)
-    loss, parts = run.loss_fn(seg_logits, cls_logits, masks, labels)
+    objective, loss, parts, cls_logits = training_objective(model, run.loss_fn, images, masks, labels, run.autocast)
     if run.scaler is not None:
-        run.scaler.scale(loss).backward()
+        run.scaler.scale(objective).backward()
         run.scaler.unscale_(optimizer)
     else:
-        loss.backward()
+        objective.backward()
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.max_grad_norm, foreach=True)  # pre-clip norm
     if guard is None:
         reason = torch.zeros((), dtype=torch.long, device=loss.device)
         optimizer.found_inf = None  # no verdict left over from a guarded step on this optimizer
     else:
-        reason = guard.reason(loss.detach(), grad_norm)
+        reason = guard.reason(objective.detach(), grad_norm)
         if run.world_size > 1:  # one verdict for all ranks, so their weights never drift apart
             torch.distributed.all_reduce(reason, op=torch.distributed.ReduceOp.MAX)
         skip = reason != 0
@@ -1191,7 +1230,7 @@ def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor, labels: torc
     if run.scaler is not None:
         run.scaler.update()
     if guard is not None:
-        guard.commit(skip, loss.detach(), grad_norm)
+        guard.commit(skip, objective.detach(), grad_norm)
     if run.ema is not None:
         run.ema.update(skip if guard is not None else torch.zeros((), dtype=torch.bool, device=loss.device))
     run.scheduler.step()

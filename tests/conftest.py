@@ -17,6 +17,10 @@ TINY = ["--image-size", "32", "--width", "4", "--stream-channels", "16", "--deco
         # auto settings depend on the machine (amp auto picks bf16 on CPUs with AMX): fixed, for the same
         # numbers everywhere.
         "--amp", "off", "--channels-last", "off", "--compile", "off",
+        # No aux head: these runs test the plumbing on trajectories the tests were written against (the aux head's
+        # init draws from the random stream, so every later weight starts elsewhere); test_aux.py runs the aux
+        # head through the guard, compilation, checkpoints, evaluation and diagnose.
+        "--aux-weight", "0",
         # 8 steps do not learn the task (val mIoU ~0.15 against a majority-class baseline of 0.21): these runs test
         # the plumbing, so the verdict is logged but does not set the exit code. test_verdict.py tests it.
         "--no-require-learning"]

@@ -38,19 +38,22 @@ def assert_same_weights(rank0, rank1):
         assert torch.equal(tensor, rank1["weights"][name]), name
 
 
+AUX = ["--aux-weight", "0.4"]
 SPIKE_STATS = ["--grad-spike-factor", "1000", "--spike-warmup", "2"]  # the guard's statistics move (never fire)
 
 
 def test_two_processes_agree_and_their_metrics_equal_a_one_process_evaluation(tmp_path, monkeypatch):
-    (rank0, rank1), console = torchrun(tmp_path, extra=SPIKE_STATS)
+    # with the aux head (the default model; TINY has none): its extra output and gradient go through DDP
+    (rank0, rank1), console = torchrun(tmp_path, extra=SPIKE_STATS + AUX)
     assert_same_weights(rank0, rank1)
     # What the user reads counts the whole val split, once: rank 1 repeats no verdict line.
     assert "| 16 train, 7 val images" in console and "16 train / 7 val images" in console
     assert "[rank error]" not in console and console.count("verdict: seg") == 1
     run_dir = tmp_path / "run"
     row = list(csv.DictReader(open(run_dir / "metrics.csv")))[-1]
-    cfg = load_config(ARGS + ["--out-dir", str(run_dir)])
+    cfg = load_config(ARGS + AUX + ["--out-dir", str(run_dir)])
     model = T.build_model(cfg)
+    assert model.aux_head is not None
     model.load_state_dict(T.load_checkpoint(run_dir / "last.pt", cfg)["model"])
     train_ds, val_ds = build_datasets(cfg)
     _, val_loader = build_loaders(cfg, train_ds, val_ds, torch.device("cpu"))
@@ -62,7 +65,7 @@ def test_two_processes_agree_and_their_metrics_equal_a_one_process_evaluation(tm
     saved = T.load_checkpoint(run_dir / "last.pt")
     assert saved["guard"]["accepted"].item() == 4  # 2 steps per epoch on each rank
     captured = capture_resumed_run(monkeypatch)
-    args = ARGS + SPIKE_STATS + ["--out-dir", str(run_dir), "--resume", str(run_dir / "last.pt"), "--epochs", "3"]
+    args = ARGS + SPIKE_STATS + AUX + ["--out-dir", str(run_dir), "--resume", str(run_dir / "last.pt"), "--epochs", "3"]
     assert T.main(args) == 0
     assert_same_training_state(saved, captured["state"], lr=False)
     assert torch.equal(captured["images"], expected_first_batch(args, saved, epoch=2))
