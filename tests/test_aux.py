@@ -48,7 +48,7 @@ def test_the_step_optimises_the_aux_term_and_reports_the_loss_without_it(make_ru
     torch.random.set_rng_state(rng)
     with torch.no_grad():
         coarse = probe(images, aux=True)[2]  # train mode: batch statistics, so the logits the objective saw
-    upsampled = F.interpolate(coarse, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+    upsampled = F.interpolate(coarse, scale_factor=8, mode="nearest")  # each coarse logit over its 8x8 pixels
     expected = 0.4 * F.cross_entropy(run.loss_fn.bound(upsampled), masks)
     assert objective.item() - loss.item() == pytest.approx(expected.item(), rel=1e-4)
     torch.random.set_rng_state(rng)
@@ -57,6 +57,29 @@ def test_the_step_optimises_the_aux_term_and_reports_the_loss_without_it(make_ru
     assert row[0].item() == loss.item() and row[1].item() == parts["seg"].item()  # reported: no aux term
     assert int(row[4]) == 0  # accepted
     assert not torch.equal(head, run.model.aux_head.weight)  # the aux term reached its head
+
+
+@pytest.mark.parametrize("size, weights, smoothing", [((64, 64), None, 0.0), ((50, 70), [0.5, 2.0, 1.0, 3.0], 0.1),
+                                                     ((33, 96), [1.0, 1.0, 4.0, 0.2], 0.0)])
+def test_the_aux_term_from_cell_counts_equals_the_cross_entropy_of_nearest_upsampled_logits(size, weights, smoothing):
+    """aux() never upsamples: it weighs each coarse logit by the class counts of the 8x8 target pixels it
+    covers. That must be F.cross_entropy of the logits repeated over those pixels, value and gradient, with
+    class weights, label smoothing, ignored pixels and sizes that are no multiple of 32 (target padded)."""
+    torch.manual_seed(0)
+    height, width = size
+    loss_fn = T.StableLoss(seg_class_weights=weights, label_smoothing=smoothing, aux_weight=0.4)
+    coarse = (torch.randn(3, 4, 4 * -(-height // 32), 4 * -(-width // 32)) * 10).requires_grad_()
+    target = torch.randint(0, 4, (3, height, width))
+    target[0, :5, :7] = 255
+    target[1, -9:, -3:] = 255
+    term = loss_fn.aux(coarse, target, 8)
+    upsampled = F.interpolate(coarse, scale_factor=8, mode="nearest")[..., :height, :width]
+    reference = 0.4 * F.cross_entropy(loss_fn.bound(upsampled), target, ignore_index=255, label_smoothing=smoothing,
+                                      weight=None if weights is None else torch.tensor(weights))
+    assert term.item() == pytest.approx(reference.item(), rel=1e-6)
+    grad, = torch.autograd.grad(term, coarse)
+    grad_ref, = torch.autograd.grad(reference, coarse)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-8)
 
 
 def test_a_skipped_step_leaves_the_aux_head_weights_moments_and_bn_buffers_bit_identical(make_run):
@@ -78,7 +101,7 @@ def test_the_guard_sees_a_non_finite_aux_term_that_the_reported_loss_does_not_sh
     images, masks, labels = first_batch(run)
     T.train_step(run, images, masks, labels)
     before = copy.deepcopy(T.training_state(run))
-    monkeypatch.setattr(run.loss_fn, "aux", lambda logits, target: logits.sum() * float("nan"))
+    monkeypatch.setattr(run.loss_fn, "aux", lambda logits, target, stride: logits.sum() * float("nan"))
     row = T.train_step(run, images, masks, labels)
     assert torch.isfinite(row[0]) and T.SKIP_REASONS[int(row[4])] == "non-finite loss"
     undo_schedule_step(run)
