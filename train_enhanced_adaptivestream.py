@@ -335,12 +335,18 @@ def inference_weights(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 # ---- Loss ----
+def one_hot(target: torch.Tensor, valid: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, S, H, W] class indicators of target [B, H, W], all 0 on pixels not valid (ignored). Comparisons, no
+    scatter: deterministic on CUDA too."""
+    classes = torch.arange(num_classes, device=target.device).view(1, -1, 1, 1)
+    return (target.where(valid, -1).unsqueeze(1) == classes).to(dtype)
+
+
 def dice_sums(probs: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[3, S]: per class the soft intersection |P.T|, |P| + |T| and |T|, over the scored pixels; P the class's
     softmax, T its target pixels. Sums, so batches and processes add up (evaluate() scores the whole split).
     Comparisons and sums only (no scatter), so it is deterministic on CUDA too."""
-    classes = torch.arange(probs.shape[1], device=probs.device).view(1, -1, 1, 1)
-    truth = (target.where(valid, -1).unsqueeze(1) == classes).to(probs.dtype)  # [B, S, H, W] one-hot, 0 if ignored
+    truth = one_hot(target, valid, probs.shape[1], probs.dtype)
     probs = probs * valid.unsqueeze(1)
     counts = truth.sum((0, 2, 3))
     return torch.stack([(probs * truth).sum((0, 2, 3)), probs.sum((0, 2, 3)) + counts, counts])
@@ -428,8 +434,7 @@ class StableLoss(nn.Module):
         target = seg_target.long()
         target = F.pad(target, (0, w * stride - target.shape[-1], 0, h * stride - target.shape[-2]),
                        value=self.ignore_index)
-        classes = torch.arange(s, device=target.device).view(1, -1, 1, 1)
-        truth = (target.unsqueeze(1) == classes).to(torch.float32)  # [B, S, H, W]; 0 for ignored pixels
+        truth = one_hot(target, target != self.ignore_index, s, torch.float32)
         counts = truth.view(b, s, h, stride, w, stride).sum((3, 5))  # [B, S, h, w] target pixels per cell
         weights = (torch.ones(s, device=target.device) if self.seg_class_weights is None
                    else self.seg_class_weights).view(1, -1, 1, 1)
