@@ -59,22 +59,26 @@ def test_the_step_optimises_the_aux_term_and_reports_the_loss_without_it(make_ru
     assert not torch.equal(head, run.model.aux_head.weight)  # the aux term reached its head
 
 
-@pytest.mark.parametrize("size, weights, smoothing", [((64, 64), None, 0.0), ((50, 70), [0.5, 2.0, 1.0, 3.0], 0.1),
-                                                     ((33, 96), [1.0, 1.0, 4.0, 0.2], 0.0)])
-def test_the_aux_term_from_cell_counts_equals_the_cross_entropy_of_nearest_upsampled_logits(size, weights, smoothing):
+@pytest.mark.parametrize("size, weights, smoothing, ignore", [((64, 64), None, 0.0, 255),
+                                                             ((50, 70), [0.5, 2.0, 1.0, 3.0], 0.1, 255),
+                                                             ((33, 96), [1.0, 1.0, 4.0, 0.2], 0.0, 255),
+                                                             ((40, 40), [0.5, 2.0, 1.0, 3.0], 0.1, 0)])
+def test_the_aux_term_from_cell_counts_equals_the_cross_entropy_of_nearest_upsampled_logits(size, weights, smoothing,
+                                                                                            ignore):
     """aux() never upsamples: it weighs each coarse logit by the class counts of the 8x8 target pixels it
     covers. That must be F.cross_entropy of the logits repeated over those pixels, value and gradient, with
-    class weights, label smoothing, ignored pixels and sizes that are no multiple of 32 (target padded)."""
+    class weights, label smoothing, ignored pixels (also an ignore_index that is one of the classes) and sizes
+    that are no multiple of 32 (target padded)."""
     torch.manual_seed(0)
     height, width = size
-    loss_fn = T.StableLoss(seg_class_weights=weights, label_smoothing=smoothing, aux_weight=0.4)
+    loss_fn = T.StableLoss(seg_class_weights=weights, label_smoothing=smoothing, aux_weight=0.4, ignore_index=ignore)
     coarse = (torch.randn(3, 4, 4 * -(-height // 32), 4 * -(-width // 32)) * 10).requires_grad_()
     target = torch.randint(0, 4, (3, height, width))
-    target[0, :5, :7] = 255
-    target[1, -9:, -3:] = 255
+    target[0, :5, :7] = ignore
+    target[1, -9:, -3:] = ignore
     term = loss_fn.aux(coarse, target, 8)
     upsampled = F.interpolate(coarse, scale_factor=8, mode="nearest")[..., :height, :width]
-    reference = 0.4 * F.cross_entropy(loss_fn.bound(upsampled), target, ignore_index=255, label_smoothing=smoothing,
+    reference = 0.4 * F.cross_entropy(loss_fn.bound(upsampled), target, ignore_index=ignore, label_smoothing=smoothing,
                                       weight=None if weights is None else torch.tensor(weights))
     assert term.item() == pytest.approx(reference.item(), rel=1e-6)
     grad, = torch.autograd.grad(term, coarse)
