@@ -58,7 +58,8 @@ DECODER_CHANNELS: int = 16  # channels of the last (full-resolution) decoder sta
 # ---- Loss ----
 SEG_WEIGHT: float = 1.0  # weight of the segmentation loss (cross-entropy + dice_weight x soft Dice)
 DICE_WEIGHT: float = 1.0  # weight of the soft Dice term beside the segmentation cross-entropy; 0 = cross-entropy only
-AUX_WEIGHT: float = 0.4  # deep supervision: weight of a cross-entropy on coarse (stride-8 decoder) seg logits, training only; 0 = off (no aux head)
+AUX_WEIGHT: float = 0.4  # deep supervision: weight of each coarse head's seg cross-entropy (AUX_STRIDES), training only; 0 = off (no aux heads)
+AUX_STRIDES: list[int] = [32, 16, 8]  # decoder strides that get a deep-supervision head, any of 32, 16, 8, 4 (used when AUX_WEIGHT > 0)
 CLS_WEIGHT: float = 0.5  # weight of the classification cross-entropy
 IGNORE_INDEX: int = 255  # mask value that is not scored
 SEG_CLASS_WEIGHTS: list[float] | str | None = None  # per-class weights of the segmentation cross-entropy (not the Dice term); auto = inverse pixel frequency (training split)
@@ -130,6 +131,7 @@ _CHOICES = {
     "CHANNELS_LAST": ("auto", "on", "off"),
     "COMPILE": ("auto", "on", "off"),
 }
+AUX_STRIDE_CHOICES = (32, 16, 8, 4)  # the decoder levels a deep-supervision head can sit on
 _POSITIVE = {"IMAGE_SIZE", "MASK_SCALE", "CROP_SCALE", "VAL_FRACTION", "NUM_SEG_CLASSES", "NUM_CLS_CLASSES", "SYNTHETIC_TRAIN_SIZE", "SYNTHETIC_TRAIN_SETS",
              "SYNTHETIC_VAL_SIZE",
              "WIDTH", "STREAM_CHANNELS", "DECODER_CHANNELS", "EPOCHS", "BATCH_SIZE", "BASE_LR", "MIN_LR",
@@ -215,6 +217,8 @@ def _coerce(key: str, value: Any, hint: Any, from_cli: bool) -> Any:
         (item,) = typing.get_args(hint)
         if from_cli and isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        elif from_cli and isinstance(value, (int, float)):
+            value = [value]  # one item: YAML read "--aux-strides 8" as the number 8
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list of {item.__name__}, got {value!r}")
         return [_coerce(key, v, item, False) for v in value]
@@ -315,6 +319,10 @@ def validate(cfg: Config) -> None:
     if cfg.ema_decay >= 1:
         raise ConfigError(f"ema_decay: must be < 1 (1 would never move the average), got {cfg.ema_decay:g}; "
                           f"0.999 is usual, 0 turns it off")
+    bad = [s for s in cfg.aux_strides if s not in AUX_STRIDE_CHOICES]
+    if bad or not cfg.aux_strides or len(set(cfg.aux_strides)) != len(cfg.aux_strides):
+        raise ConfigError(f"aux_strides: {cfg.aux_strides} must be one or more different strides of "
+                          f"{', '.join(map(str, AUX_STRIDE_CHOICES))} (to turn deep supervision off: --aux-weight 0)")
     if cfg.min_lr > cfg.base_lr:
         raise ConfigError(f"min_lr ({cfg.min_lr:g}) is above base_lr ({cfg.base_lr:g}): lower min_lr or raise base_lr")
     if cfg.num_seg_classes < 2:

@@ -748,11 +748,14 @@ def check_input_dependence(model: nn.Module, images: torch.Tensor, masks: torch.
 
 # ---- checkpoint: finite and fits the config ----
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The raw payload (load_checkpoint refuses non-finite weights, which this check must name)."""
+    """The raw payload (load_checkpoint refuses non-finite weights, which this check must name), in today's
+    layout."""
     try:
-        return T.read_tagged(path, T.CHECKPOINT_FORMAT, "checkpoint", UsageError)
+        payload = T.read_tagged(path, T.CHECKPOINT_FORMAT, "checkpoint", UsageError)
     except UsageError as err:
         raise UsageError(f"--checkpoint: {err}") from None
+    T.upgrade_aux_head(payload)
+    return payload
 
 
 def check_checkpoint(payload: dict[str, Any], path: str | Path, cfg: Config) -> tuple[list[Check], bool]:

@@ -211,16 +211,14 @@ class AdaptiveStream(nn.Module):
     padded to a multiple of 32 and the logits cropped back, so they always match the target's size.
     The classification head sees the pooled bottleneck and pooled decoder features: a head on the
     bottleneck alone depends on BatchNorm statistics of one deep path and its eval accuracy can decay.
-    With aux_head (deep supervision, AUX_WEIGHT > 0), forward(x, aux=True) also returns coarse seg logits
-    [B, S, H/8, W/8] of the stride-8 decoder stage, for the training loss only: supervising the coarse
-    stage directly, the decoder learns whole shapes sooner (docs/results.md).
+    With aux_strides (deep supervision, AUX_WEIGHT > 0), forward(x, aux=True) also returns {stride: coarse
+    seg logits [B, S, H/stride, W/stride]} of those decoder levels (of the padded input), for the training loss
+    only: supervised directly, the coarse levels decide whole shapes sooner (docs/results.md).
     """
-
-    AUX_STRIDE = 8  # the aux head's decoder stage: stride 8 of the padded input
 
     def __init__(self, num_seg_classes: int, num_cls_classes: int, backbone: str = "adaptivestream",
                  pretrained: bool = False, width: int = 16, stream_channels: int = 128, decoder_channels: int = 16,
-                 aux_head: bool = False):
+                 aux_strides: Iterable[int] = ()):
         super().__init__()
         if backbone == "adaptivestream":
             self.encoder: nn.Module = BuiltinEncoder(width)
@@ -236,7 +234,10 @@ class AdaptiveStream(nn.Module):
         cins = [stream_channels] + dec[:-1]
         self.decoder = nn.ModuleList(UpStage(ci, cs, co) for ci, cs, co in zip(cins, skips, dec))
         self.seg_head = nn.Conv2d(dec[-1], num_seg_classes, 1)
-        self.aux_head = nn.Conv2d(dec[1], num_seg_classes, 1) if aux_head else None  # stride 8
+        level_channels = {32: stream_channels, 16: dec[0], 8: dec[1], 4: dec[2]}
+        # Built coarse to fine whatever the order asked, so [8, 16] and [16, 8] are the same model.
+        self.aux_heads = nn.ModuleDict({str(stride): nn.Conv2d(level_channels[stride], num_seg_classes, 1)
+                                        for stride in sorted(set(aux_strides), reverse=True)})
         pooled = stream_channels + dec[0] + dec[1] + dec[2]
         self.cls_head = nn.Sequential(nn.Dropout(0.1), nn.Linear(pooled, num_cls_classes))
         self._init_weights(pretrained_encoder=pretrained and backbone != "adaptivestream")
@@ -255,7 +256,7 @@ class AdaptiveStream(nn.Module):
         # 4-image batches was up to 27% above ln(C) over 12 seeds, at 0.25 within 13%. Much smaller (1e-3)
         # measured slower: Adam grows a weight by ~lr per step, and the seg head took >1000 steps to beat
         # the class prior.
-        heads = [(self.seg_head, 0.5)] + ([(self.aux_head, 0.5)] if self.aux_head is not None else [])
+        heads = [(self.seg_head, 0.5)] + [(head, 0.5) for head in self.aux_heads.values()]
         for head, scale in heads + [(self.cls_head[-1], 0.25)]:
             nn.init.normal_(head.weight, std=scale * head.weight[0].numel() ** -0.5)
             nn.init.zeros_(head.bias)
@@ -268,26 +269,26 @@ class AdaptiveStream(nn.Module):
         x = F.pad(x, (0, 32 * ((width + 31) // 32) - width, 0, 32 * ((height + 31) // 32) - height))
         feats = self.encoder(x)  # strides 2, 4, 8, 16, 32
         y = self.stream(feats[4])  # [B, stream, H/32, W/32]
-        pooled = [y.mean(dim=(2, 3))]
+        pooled, levels = [y.mean(dim=(2, 3))], {32: y}
         for i, (stage, skip) in enumerate(zip(self.decoder, [feats[3], feats[2], feats[1], feats[0], None])):
             y = stage(y, skip)
+            levels[16 >> i] = y  # strides 16, 8, 4, 2, 1
             if i < 3:
                 pooled.append(y.mean(dim=(2, 3)))
-            if i == 1:
-                coarse = y  # stride 8
         seg = self.seg_head(y)[..., :height, :width]  # [B, S, H, W]
         cls = self.cls_head(torch.cat(pooled, dim=1))  # [B, C]
         if aux:
-            if self.aux_head is None:
-                raise ValueError("aux=True: this model was built without an aux head (aux_weight 0)")
-            return seg, cls, self.aux_head(coarse)
+            if not self.aux_heads:
+                raise ValueError("aux=True: this model was built without aux heads (aux_weight 0)")
+            return seg, cls, {int(stride): head(levels[int(stride)]) for stride, head in self.aux_heads.items()}
         return seg, cls
 
 
 def build_model(cfg: Config) -> AdaptiveStream:
     return AdaptiveStream(cfg.num_seg_classes, cfg.num_cls_classes, backbone=cfg.backbone,
                           pretrained=cfg.pretrained, width=cfg.width, stream_channels=cfg.stream_channels,
-                          decoder_channels=cfg.decoder_channels, aux_head=cfg.aux_weight > 0)
+                          decoder_channels=cfg.decoder_channels,
+                          aux_strides=cfg.aux_strides if cfg.aux_weight > 0 else ())
 
 
 class WeightEMA:
@@ -1042,6 +1043,7 @@ def read_tagged(path: str | Path, tag: str, what: str, error: type[Exception]) -
 def load_checkpoint(path: str | Path, cfg: Config | None = None) -> dict[str, Any]:
     """Load and validate a checkpoint; raise CheckpointError naming the file and what is wrong."""
     payload = read_tagged(path, CHECKPOINT_FORMAT, "checkpoint", CheckpointError)
+    upgrade_aux_head(payload)
     bad = nonfinite_tensors({"model": payload["model"], "ema": payload.get("ema") or {}})
     if bad:
         raise CheckpointError(f"checkpoint {path} has non-finite weights: {', '.join(bad[:5])}")
@@ -1055,8 +1057,23 @@ def load_checkpoint(path: str | Path, cfg: Config | None = None) -> dict[str, An
             raise CheckpointError(f"checkpoint {path} was trained with aux_weight={saved.get('aux_weight', 0)!r}, but the "
                                   f"current config has aux_weight={cfg.aux_weight!r}: one has the aux head, the other "
                                   f"not; leave --aux-weight out (the checkpoint's setting applies) or give its value")
+        if cfg.aux_weight > 0 and sorted(saved["aux_strides"]) != sorted(cfg.aux_strides):
+            raise CheckpointError(f"checkpoint {path} was trained with aux_strides={saved['aux_strides']!r}, but the "
+                                  f"current config has aux_strides={cfg.aux_strides!r}: its aux heads sit on other "
+                                  f"decoder levels; leave --aux-strides out (the checkpoint's setting applies)")
     check_model_layout(path, payload)
     return payload
+
+
+def upgrade_aux_head(payload: dict[str, Any]) -> None:
+    """A checkpoint from before AUX_STRIDES (commit 56fd460 and earlier: one aux head, at stride 8, named
+    aux_head) in today's layout, in place: its weights under aux_heads.8, its config with aux_strides [8]."""
+    if "aux_strides" in payload["config"]:
+        return
+    payload["config"]["aux_strides"] = [8]
+    for weights in (payload["model"], (payload.get("ema") or {}).get("model", {})):
+        for key in [k for k in weights if k.startswith("aux_head.")]:
+            weights["aux_heads.8." + key.removeprefix("aux_head.")] = weights.pop(key)
 
 
 def check_model_layout(path: str | Path, payload: dict[str, Any]) -> None:
@@ -1207,13 +1224,16 @@ def to_device(batch: dict[str, Any], run: Run) -> tuple[torch.Tensor, torch.Tens
 def training_objective(model: nn.Module, loss_fn: StableLoss, images: torch.Tensor, masks: torch.Tensor,
                        labels: torch.Tensor, autocast=nullcontext) -> tuple[torch.Tensor, ...]:
     """(objective, loss, parts, cls_logits) of one training-mode forward. loss and parts are what is reported
-    (comparable to the val loss); objective is what a step optimises and guards: loss plus the
-    deep-supervision term when the model has an aux head (AUX_WEIGHT > 0)."""
-    aux = getattr(unwrap(model), "aux_head", None) is not None
+    (comparable to the val loss); objective is what a step optimises and guards: loss plus one
+    deep-supervision term for each aux head the model has (AUX_WEIGHT > 0)."""
+    aux = bool(getattr(unwrap(model), "aux_heads", None))
     with autocast():
         outputs = model(images, aux=True) if aux else model(images)
     loss, parts = loss_fn(outputs[0], outputs[1], masks, labels)
-    return (loss + loss_fn.aux(outputs[2], masks, AdaptiveStream.AUX_STRIDE) if aux else loss), loss, parts, outputs[1]
+    objective = loss
+    for stride, logits in (outputs[2].items() if aux else ()):
+        objective = objective + loss_fn.aux(logits, masks, stride)
+    return objective, loss, parts, outputs[1]
 
 
 def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

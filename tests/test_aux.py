@@ -1,7 +1,10 @@
-"""Deep supervision (AUX_WEIGHT): the aux head exists only when it is weighted, its term is optimised and
-guarded but never reported, a skipped step leaves it untouched, and checkpoints say when it does not fit."""
+"""Deep supervision (AUX_WEIGHT, AUX_STRIDES): the aux heads exist only when they are weighted, on the asked
+decoder levels; their terms are optimised and guarded but never reported, a skipped step leaves them
+untouched, and checkpoints say when they do not fit (and load from before AUX_STRIDES)."""
 
 import copy
+import csv
+import json
 
 import pytest
 import torch
@@ -9,10 +12,10 @@ import torch.nn.functional as F
 
 import diagnose_training as D
 import train_enhanced_adaptivestream as T
-from config import load_config
+from config import ConfigError, load_config
 from conftest import TINY, assert_same_training_state
 
-AUX = ["--aux-weight", "0.4"]
+AUX = ["--aux-weight", "0.4", "--aux-strides", "16,8"]
 
 
 def first_batch(run):
@@ -25,18 +28,37 @@ def undo_schedule_step(run):
     run.scheduler.refresh()
 
 
-def test_the_aux_head_exists_only_when_weighted_and_gives_stride_8_logits():
-    cfg = load_config(TINY + AUX + ["--image-size", "64"])
+@pytest.mark.parametrize("strides", [[8], [16, 8], [4, 32]])
+def test_the_aux_heads_exist_only_when_weighted_and_give_logits_at_their_strides(strides):
+    cfg = load_config(TINY + ["--aux-weight", "0.4", "--aux-strides", ",".join(map(str, strides)),
+                              "--image-size", "64"])
     model = T.build_model(cfg)
     x = torch.randn(2, 3, 64, 64)
     seg, cls, aux = model(x, aux=True)
-    assert seg.shape == (2, 4, 64, 64) and cls.shape == (2, 3) and aux.shape == (2, 4, 8, 8)
-    assert len(model.eval()(x)) == 2  # inference (evaluate, predict, export) never sees it
+    assert seg.shape == (2, 4, 64, 64) and cls.shape == (2, 3)
+    assert {s: tuple(t.shape) for s, t in aux.items()} == {s: (2, 4, 64 // s, 64 // s) for s in strides}
+    assert len(model.eval()(x)) == 2  # inference (evaluate, predict, export) never sees them
     plain = T.build_model(load_config(TINY + ["--image-size", "64"]))  # TINY has --aux-weight 0
-    assert plain.aux_head is None and not [k for k in plain.state_dict() if k.startswith("aux_head")]
-    assert model.state_dict().keys() - plain.state_dict().keys() == {"aux_head.weight", "aux_head.bias"}
-    with pytest.raises(ValueError, match="without an aux head"):
+    assert not plain.aux_heads and not [k for k in plain.state_dict() if k.startswith("aux")]
+    assert model.state_dict().keys() - plain.state_dict().keys() == {f"aux_heads.{s}.{p}" for s in strides
+                                                                      for p in ("weight", "bias")}
+    with pytest.raises(ValueError, match="without aux heads"):
         plain(x, aux=True)
+
+
+def test_the_order_of_aux_strides_does_not_change_the_model():
+    torch.manual_seed(0)
+    a = T.build_model(load_config(TINY + ["--aux-weight", "0.4", "--aux-strides", "16,8"])).state_dict()
+    torch.manual_seed(0)
+    b = T.build_model(load_config(TINY + ["--aux-weight", "0.4", "--aux-strides", "8,16"])).state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("value, shown", [("12", "12"), ("8,8", "8, 8"), ("2,16", "2, 16")])
+def test_bad_aux_strides_stop_with_a_message_that_names_the_key(value, shown):
+    with pytest.raises(ConfigError, match=rf"aux_strides: \[{shown}\] must be one or more different strides of "
+                                          r"32, 16, 8, 4"):
+        load_config(TINY + ["--aux-strides", value])
 
 
 def test_the_step_optimises_the_aux_term_and_reports_the_loss_without_it(make_run):
@@ -48,15 +70,18 @@ def test_the_step_optimises_the_aux_term_and_reports_the_loss_without_it(make_ru
     torch.random.set_rng_state(rng)
     with torch.no_grad():
         coarse = probe(images, aux=True)[2]  # train mode: batch statistics, so the logits the objective saw
-    upsampled = F.interpolate(coarse, scale_factor=8, mode="nearest")  # each coarse logit over its 8x8 pixels
-    expected = 0.4 * F.cross_entropy(run.loss_fn.bound(upsampled), masks)
+    assert sorted(coarse) == [8, 16]
+    # each coarse logit over its stride x stride pixels; one term per head
+    expected = sum(0.4 * F.cross_entropy(run.loss_fn.bound(F.interpolate(logits, scale_factor=stride)), masks)
+                   for stride, logits in coarse.items())
     assert objective.item() - loss.item() == pytest.approx(expected.item(), rel=1e-4)
     torch.random.set_rng_state(rng)
-    head = run.model.aux_head.weight.detach().clone()
+    heads = {s: h.weight.detach().clone() for s, h in run.model.aux_heads.items()}
     row = T.train_step(run, images, masks, labels)
     assert row[0].item() == loss.item() and row[1].item() == parts["seg"].item()  # reported: no aux term
     assert int(row[4]) == 0  # accepted
-    assert not torch.equal(head, run.model.aux_head.weight)  # the aux term reached its head
+    for stride, head in run.model.aux_heads.items():
+        assert not torch.equal(heads[stride], head.weight), stride  # each aux term reached its head
 
 
 @pytest.mark.parametrize("size, weights, smoothing, ignore", [((64, 64), None, 0.0, 255),
@@ -97,7 +122,7 @@ def test_a_skipped_step_leaves_the_aux_head_weights_moments_and_bn_buffers_bit_i
     undo_schedule_step(run)
     after = T.training_state(run)
     assert_same_training_state(before, after)
-    assert "aux_head.weight" in after["model"]
+    assert {"aux_heads.8.weight", "aux_heads.16.weight"} <= after["model"].keys()
 
 
 def test_the_guard_sees_a_non_finite_aux_term_that_the_reported_loss_does_not_show(make_run, monkeypatch):
@@ -112,15 +137,38 @@ def test_the_guard_sees_a_non_finite_aux_term_that_the_reported_loss_does_not_sh
     assert_same_training_state(before, T.training_state(run))
 
 
-def test_a_checkpoint_with_the_aux_head_evaluates_as_saved_and_names_aux_weight_when_told_otherwise(tmp_path):
+def test_a_checkpoint_with_aux_heads_evaluates_as_saved_and_names_the_setting_when_told_otherwise(tmp_path):
     run = tmp_path / "run"
     assert T.main(TINY + AUX + ["--epochs", "1", "--out-dir", str(run)]) == 0
     payload = T.load_checkpoint(run / "best.pt")
-    assert "aux_head.weight" in payload["model"] and payload["config"]["aux_weight"] == 0.4
+    assert "aux_heads.16.weight" in payload["model"] and payload["config"]["aux_weight"] == 0.4
     # its own setting applies (TINY's --aux-weight 0 is not given here)
     assert T.main(["--eval-only", "--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "eval")]) == 0
     with pytest.raises(T.CheckpointError, match=r"aux_weight=0.4.*aux_weight=0\.0.*leave --aux-weight out"):
         T.load_checkpoint(run / "best.pt", load_config(TINY))
+    with pytest.raises(T.CheckpointError, match=r"aux_strides=\[16, 8\].*aux_strides=\[8\].*leave --aux-strides out"):
+        T.load_checkpoint(run / "best.pt", load_config(TINY + ["--aux-weight", "0.4", "--aux-strides", "8"]))
+
+
+def test_a_checkpoint_from_before_aux_strides_evaluates_and_resumes(tmp_path):
+    """Written by commit 56fd460 and earlier: one head at stride 8 named aux_head, no aux_strides in its
+    config. It loads as aux_strides [8] with the same weights, evaluates to its logged mIoU and resumes."""
+    run = tmp_path / "run"
+    assert T.main(TINY + ["--aux-weight", "0.4", "--aux-strides", "8", "--epochs", "1", "--out-dir", str(run)]) == 0
+    payload = torch.load(run / "last.pt", weights_only=False)
+    del payload["config"]["aux_strides"]
+    for key in ("weight", "bias"):
+        payload["model"][f"aux_head.{key}"] = payload["model"].pop(f"aux_heads.8.{key}")
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    loaded = T.load_checkpoint(old)
+    assert loaded["config"]["aux_strides"] == [8] and "aux_head.weight" not in loaded["model"]
+    assert torch.equal(loaded["model"]["aux_heads.8.weight"], payload["model"]["aux_head.weight"])
+    assert T.main(["--eval-only", "--checkpoint", str(old), "--out", str(tmp_path / "eval")]) == 0
+    logged = float(list(csv.DictReader(open(run / "metrics.csv")))[-1]["val_miou"])
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["metrics"]["val_miou"] == pytest.approx(logged, abs=1e-6)
+    assert T.main(TINY + ["--aux-weight", "0.4", "--aux-strides", "8", "--epochs", "2", "--resume", str(old),
+                          "--out-dir", str(tmp_path / "resumed")]) == 0
 
 
 def test_diagnose_sends_the_gradient_through_the_aux_head(make_run):
