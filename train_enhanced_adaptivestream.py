@@ -425,25 +425,32 @@ class StableLoss(nn.Module):
         # Mean over scored pixels; a batch with no scored pixel contributes 0, not 0/0 = NaN.
         return per_pixel.sum() / weight_sum.clamp_min(1e-12), valid
 
-    def aux(self, aux_logits: torch.Tensor, seg_target: torch.Tensor, stride: int) -> torch.Tensor:
-        """Deep supervision: SEG_WEIGHT x AUX_WEIGHT x the cross-entropy of the coarse logits [B, S, h, w], each
-        held for the stride x stride target pixels it covers (the target padded with ignore_index to h x stride
-        by w x stride), bounded, in float32: the full-resolution cross-entropy of nearest-upsampled logits (same
-        class weights, label smoothing and ignore_index), computed from each cell's class counts, at
-        1/stride**2 of the work of upsampling (at 224 px that cost 79 of a step's ~540 ms on one thread)."""
-        b, s, h, w = aux_logits.shape
+    def aux(self, aux_logits: dict[int, torch.Tensor], seg_target: torch.Tensor) -> torch.Tensor:
+        """Deep supervision: the sum over {stride: coarse logits [B, S, h, w]} of SEG_WEIGHT x AUX_WEIGHT x the
+        cross-entropy of each logit held for the stride x stride target pixels it covers (the target padded with
+        ignore_index to h x stride by w x stride, the same padded size at every stride), bounded, in float32: the
+        full-resolution cross-entropy of nearest-upsampled logits (same class weights, label smoothing and
+        ignore_index), computed from each cell's class counts, at 1/stride**2 of the work of upsampling (at
+        224 px that cost 79 of a step's ~540 ms on one thread). The counts are taken once, at the finest
+        stride, and summed 2x2 for each coarser one (the one-hot target per stride cost 2-3 ms a head)."""
+        finest = min(aux_logits)
+        b, s, h, w = aux_logits[finest].shape
         target = seg_target.long()
-        target = F.pad(target, (0, w * stride - target.shape[-1], 0, h * stride - target.shape[-2]),
+        target = F.pad(target, (0, w * finest - target.shape[-1], 0, h * finest - target.shape[-2]),
                        value=self.ignore_index)
         truth = one_hot(target, target != self.ignore_index, s, torch.float32)
-        counts = truth.view(b, s, h, stride, w, stride).sum((3, 5))  # [B, S, h, w] target pixels per cell
+        counts = truth.view(b, s, h, finest, w, finest).sum((3, 5))  # [B, S, h, w] target pixels per cell
         weights = (torch.ones(s, device=target.device) if self.seg_class_weights is None
                    else self.seg_class_weights).view(1, -1, 1, 1)
-        nll = -F.log_softmax(self.bound(aux_logits.float()), dim=1) * weights  # per class, weighted
+        scored = (counts * weights).sum().clamp_min(1e-12)  # the same pixels at every stride
         eps = self.label_smoothing  # per pixel: (1 - eps) w_y nll_y + eps / S sum_k w_k nll_k, as F.cross_entropy
-        total = (1 - eps) * (counts * nll).sum() + eps / s * (counts.sum(1, keepdim=True) * nll).sum()
-        ce = total / (counts * weights).sum().clamp_min(1e-12)  # mean over scored pixels, as seg_ce
-        return self.seg_weight * self.aux_weight * ce
+        total = counts.new_zeros(())
+        for stride in sorted(aux_logits):
+            f = stride // finest
+            cells = counts.view(b, s, h // f, f, w // f, f).sum((3, 5)) if f > 1 else counts
+            nll = -F.log_softmax(self.bound(aux_logits[stride].float()), dim=1) * weights  # per class, weighted
+            total = total + (1 - eps) * (cells * nll).sum() + eps / s * (cells.sum(1, keepdim=True) * nll).sum()
+        return self.seg_weight * self.aux_weight * total / scored  # each term a mean over scored pixels, as seg_ce
 
     def combine(self, seg_ce: torch.Tensor, sums: torch.Tensor | None,
                 cls_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1230,10 +1237,7 @@ def training_objective(model: nn.Module, loss_fn: StableLoss, images: torch.Tens
     with autocast():
         outputs = model(images, aux=True) if aux else model(images)
     loss, parts = loss_fn(outputs[0], outputs[1], masks, labels)
-    objective = loss
-    for stride, logits in (outputs[2].items() if aux else ()):
-        objective = objective + loss_fn.aux(logits, masks, stride)
-    return objective, loss, parts, outputs[1]
+    return (loss + loss_fn.aux(outputs[2], masks) if aux else loss), loss, parts, outputs[1]
 
 
 def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -84,31 +84,36 @@ def test_the_step_optimises_the_aux_term_and_reports_the_loss_without_it(make_ru
         assert not torch.equal(heads[stride], head.weight), stride  # each aux term reached its head
 
 
-@pytest.mark.parametrize("size, weights, smoothing, ignore", [((64, 64), None, 0.0, 255),
-                                                             ((50, 70), [0.5, 2.0, 1.0, 3.0], 0.1, 255),
-                                                             ((33, 96), [1.0, 1.0, 4.0, 0.2], 0.0, 255),
-                                                             ((40, 40), [0.5, 2.0, 1.0, 3.0], 0.1, 0)])
-def test_the_aux_term_from_cell_counts_equals_the_cross_entropy_of_nearest_upsampled_logits(size, weights, smoothing,
-                                                                                            ignore):
-    """aux() never upsamples: it weighs each coarse logit by the class counts of the 8x8 target pixels it
-    covers. That must be F.cross_entropy of the logits repeated over those pixels, value and gradient, with
-    class weights, label smoothing, ignored pixels (also an ignore_index that is one of the classes) and sizes
-    that are no multiple of 32 (target padded)."""
+@pytest.mark.parametrize("size, strides, weights, smoothing, ignore", [
+    ((64, 64), (8,), None, 0.0, 255),
+    ((50, 70), (32, 16, 8), [0.5, 2.0, 1.0, 3.0], 0.1, 255),
+    ((33, 96), (16, 4), [1.0, 1.0, 4.0, 0.2], 0.0, 255),
+    ((40, 40), (32, 16, 8), [0.5, 2.0, 1.0, 3.0], 0.1, 0)])
+def test_the_aux_term_from_cell_counts_equals_the_cross_entropy_of_nearest_upsampled_logits(size, strides, weights,
+                                                                                            smoothing, ignore):
+    """aux() never upsamples: it weighs each coarse logit by the class counts of the stride x stride target
+    pixels it covers (counted once at the finest stride, summed for the coarser ones). That must be the sum over
+    the heads of F.cross_entropy of the logits repeated over those pixels, value and gradient, with class
+    weights, label smoothing, ignored pixels (also an ignore_index that is one of the classes) and sizes that
+    are no multiple of 32 (target padded)."""
     torch.manual_seed(0)
     height, width = size
     loss_fn = T.StableLoss(seg_class_weights=weights, label_smoothing=smoothing, aux_weight=0.4, ignore_index=ignore)
-    coarse = (torch.randn(3, 4, 4 * -(-height // 32), 4 * -(-width // 32)) * 10).requires_grad_()
+    coarse = {s: (torch.randn(3, 4, 32 // s * -(-height // 32), 32 // s * -(-width // 32)) * 10).requires_grad_()
+              for s in strides}
     target = torch.randint(0, 4, (3, height, width))
     target[0, :5, :7] = ignore
     target[1, -9:, -3:] = ignore
-    term = loss_fn.aux(coarse, target, 8)
-    upsampled = F.interpolate(coarse, scale_factor=8, mode="nearest")[..., :height, :width]
-    reference = 0.4 * F.cross_entropy(loss_fn.bound(upsampled), target, ignore_index=ignore, label_smoothing=smoothing,
-                                      weight=None if weights is None else torch.tensor(weights))
+    term = loss_fn.aux(coarse, target)
+    reference = sum(0.4 * F.cross_entropy(loss_fn.bound(F.interpolate(logits, scale_factor=s)[..., :height, :width]),
+                                          target, ignore_index=ignore, label_smoothing=smoothing,
+                                          weight=None if weights is None else torch.tensor(weights))
+                    for s, logits in coarse.items())
     assert term.item() == pytest.approx(reference.item(), rel=1e-6)
-    grad, = torch.autograd.grad(term, coarse)
-    grad_ref, = torch.autograd.grad(reference, coarse)
-    torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-8)
+    grads = torch.autograd.grad(term, list(coarse.values()))
+    grads_ref = torch.autograd.grad(reference, list(coarse.values()))
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-8)
 
 
 def test_a_skipped_step_leaves_the_aux_head_weights_moments_and_bn_buffers_bit_identical(make_run):
@@ -130,7 +135,7 @@ def test_the_guard_sees_a_non_finite_aux_term_that_the_reported_loss_does_not_sh
     images, masks, labels = first_batch(run)
     T.train_step(run, images, masks, labels)
     before = copy.deepcopy(T.training_state(run))
-    monkeypatch.setattr(run.loss_fn, "aux", lambda logits, target, stride: logits.sum() * float("nan"))
+    monkeypatch.setattr(run.loss_fn, "aux", lambda logits, target: logits[8].sum() * float("nan"))
     row = T.train_step(run, images, masks, labels)
     assert torch.isfinite(row[0]) and T.SKIP_REASONS[int(row[4])] == "non-finite loss"
     undo_schedule_step(run)
