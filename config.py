@@ -68,7 +68,7 @@ LABEL_SMOOTHING: float = 0.0  # label smoothing of both cross-entropies
 LOGIT_BOUND: float = 15.0  # logits pass through c*x/(c+|x|) in the loss: bounded, gradient never 0
 
 # ---- Optimisation ----
-EPOCHS: int = 15  # training epochs
+EPOCHS: int = 20  # training epochs (why 20: docs/results.md)
 BATCH_SIZE: int = 8  # images per step (per process under torchrun)
 OPTIMIZER: str = "adamw"  # adamw | sgd
 BASE_LR: float = 1e-3  # peak learning rate, reached at the end of warm-up
