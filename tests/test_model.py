@@ -36,8 +36,9 @@ def test_initial_loss_is_close_to_a_uniform_guess_for_each_head():
     model = T.AdaptiveStream(4, 3, width=8, stream_channels=32, decoder_channels=8)
     seg, cls = model(torch.randn(4, 3, 64, 64))
     masks = torch.randint(0, 4, (4, 64, 64))
-    _, parts = T.StableLoss()(seg, cls, masks, torch.randint(0, 3, (4,)))
-    uniform = math.log(4) + uniform_dice(torch.bincount(masks.flatten(), minlength=4).numpy())  # dice_weight 1
+    loss_fn = T.StableLoss()
+    _, parts = loss_fn(seg, cls, masks, torch.randint(0, 3, (4,)))
+    uniform = math.log(4) + loss_fn.dice_weight * uniform_dice(torch.bincount(masks.flatten(), minlength=4).numpy())
     assert parts["seg"].item() == pytest.approx(uniform, rel=0.1)
     assert parts["cls"].item() == pytest.approx(math.log(3), rel=0.1)
 
