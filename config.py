@@ -57,7 +57,7 @@ DECODER_CHANNELS: int = 16  # channels of the last (full-resolution) decoder sta
 
 # ---- Loss ----
 SEG_WEIGHT: float = 1.0  # weight of the segmentation loss (cross-entropy + dice_weight x soft Dice)
-DICE_WEIGHT: float = 2.0  # weight of the soft Dice term beside the segmentation cross-entropy (why 2: docs/results.md); 0 = cross-entropy only
+DICE_WEIGHT: float = 3.0  # weight of the soft Dice term beside the segmentation cross-entropy (why 3: docs/results.md); 0 = cross-entropy only
 AUX_WEIGHT: float = 0.4  # deep supervision: weight of each coarse head's seg cross-entropy (AUX_STRIDES), training only; 0 = off (no aux heads)
 AUX_STRIDES: list[int] = [32, 16, 8]  # decoder strides that get a deep-supervision head, any of 32, 16, 8, 4 (used when AUX_WEIGHT > 0)
 CLS_WEIGHT: float = 0.5  # weight of the classification cross-entropy

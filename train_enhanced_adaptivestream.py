@@ -377,7 +377,7 @@ class StableLoss(nn.Module):
 
     def __init__(self, seg_weight: float = 1.0, cls_weight: float = 0.5, ignore_index: int = 255,
                  seg_class_weights: Iterable[float] | None = None, cls_class_weights: Iterable[float] | None = None,
-                 logit_bound: float = 15.0, label_smoothing: float = 0.0, dice_weight: float = 2.0,
+                 logit_bound: float = 15.0, label_smoothing: float = 0.0, dice_weight: float = 3.0,
                  aux_weight: float = 0.0):
         super().__init__()
         self.seg_weight, self.cls_weight, self.dice_weight = seg_weight, cls_weight, dice_weight
