@@ -52,8 +52,9 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
-from config import (INVOCATION_ONLY, Config, ConfigError, build_parser, defaults, effective_warmup_epochs,
-                    load_config, unused_settings, validate)
+from config import (CLS_WEIGHT, DICE_WEIGHT, IGNORE_INDEX, INVOCATION_ONLY, LABEL_SMOOTHING, LOGIT_BOUND, SEG_WEIGHT,
+                    Config, ConfigError, build_parser, defaults, effective_warmup_epochs, load_config,
+                    unused_settings, validate)
 from data import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Baselines, DataError, build_datasets, build_loaders,
                   class_names, data_baselines, image_files, open_image, report_data, resolve_data_settings)
 from results import METRIC_COLUMNS, ResultsRecorder, overlay_mask, save_png, seg_palette, write_metrics_row
@@ -372,13 +373,14 @@ class StableLoss(nn.Module):
     returned as it is: the training loop's guard skips that step and counts it. Class weights and label
     smoothing apply to the cross-entropies; the Dice term weighs every class the same by construction.
     aux() is the deep-supervision term the training step adds to what it optimises; forward() and the
-    reported losses leave it out, so train and val losses stay comparable.
+    reported losses leave it out, so train and val losses stay comparable. The defaults are config.py's,
+    but aux_weight's: 0, no deep supervision unless asked.
     """
 
-    def __init__(self, seg_weight: float = 1.0, cls_weight: float = 0.5, ignore_index: int = 255,
+    def __init__(self, seg_weight: float = SEG_WEIGHT, cls_weight: float = CLS_WEIGHT, ignore_index: int = IGNORE_INDEX,
                  seg_class_weights: Iterable[float] | None = None, cls_class_weights: Iterable[float] | None = None,
-                 logit_bound: float = 15.0, label_smoothing: float = 0.0, dice_weight: float = 3.0,
-                 aux_weight: float = 0.0):
+                 logit_bound: float = LOGIT_BOUND, label_smoothing: float = LABEL_SMOOTHING,
+                 dice_weight: float = DICE_WEIGHT, aux_weight: float = 0.0):
         super().__init__()
         self.seg_weight, self.cls_weight, self.dice_weight = seg_weight, cls_weight, dice_weight
         self.aux_weight = aux_weight
