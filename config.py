@@ -52,6 +52,7 @@ COLOR_JITTER: float = 0.2  # folder, oxford_pet: brightness/contrast/saturation 
 BACKBONE: str = "adaptivestream"  # adaptivestream (built-in, fast) | resnet18 | resnet34 | resnet50 | mobilenet_v3_large
 PRETRAINED: bool = False  # load torchvision's ImageNet weights for a torchvision backbone
 WIDTH: int = 16  # channels at stride 2 of the built-in encoder; doubles (roughly) per stride
+STEM_KERNEL: int = 3  # side of the built-in encoder's stride-2 stem conv, odd; 7 segments edges better, classifies no better (docs/results.md)
 STREAM_CHANNELS: int = 128  # channels of the 1x1 stream projection at stride 32
 DECODER_CHANNELS: int = 16  # channels of the last (full-resolution) decoder stage; doubles per stride up
 
@@ -323,6 +324,9 @@ def validate(cfg: Config) -> None:
     if bad or not cfg.aux_strides or len(set(cfg.aux_strides)) != len(cfg.aux_strides):
         raise ConfigError(f"aux_strides: {cfg.aux_strides} must be one or more different strides of "
                           f"{', '.join(map(str, AUX_STRIDE_CHOICES))} (to turn deep supervision off: --aux-weight 0)")
+    if cfg.stem_kernel < 1 or cfg.stem_kernel % 2 == 0:
+        raise ConfigError(f"stem_kernel: must be an odd number such as 3, 5 or 7 (the stem pads k // 2 on each "
+                          f"side, so an even kernel would shift the features), got {cfg.stem_kernel}")
     if cfg.min_lr > cfg.base_lr:
         raise ConfigError(f"min_lr ({cfg.min_lr:g}) is above base_lr ({cfg.base_lr:g}): lower min_lr or raise base_lr")
     if cfg.num_seg_classes < 2:

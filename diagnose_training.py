@@ -754,7 +754,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         payload = T.read_tagged(path, T.CHECKPOINT_FORMAT, "checkpoint", UsageError)
     except UsageError as err:
         raise UsageError(f"--checkpoint: {err}") from None
-    T.upgrade_aux_head(payload)
+    T.upgrade_checkpoint(payload)
     return payload
 
 

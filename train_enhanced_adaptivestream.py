@@ -112,6 +112,11 @@ class ResidualBlock(nn.Module):
 class BuiltinEncoder(nn.Module):
     """Small ResNet-style encoder: a stride-2 conv stem, a max-pool to stride 4, then residual stages.
 
+    The stem is a stem_kernel x stem_kernel conv (3 by default). Its output is also the decoder's only skip
+    at stride 2, from which the full-resolution logits place each edge: at 7 (ResNet's stem) the digits'
+    val mIoU rose by 0.007-0.010 on each of four seeds for 1.01x the step time, but accuracy did not
+    (0.009 lower over the last five epochs; docs/results.md), so 7 is an option, not the default.
+
     Stage i (stride 2**(i+1)) has width * 2**i channels and BLOCKS[i] residual blocks after its entry
     (a stride-2 conv, or the max-pool and a 3x3 conv at stride 4). On real digits (benchmarks/README.md)
     this layout learned classification in fewer epochs than the earlier one (plain stride-2 convs, one
@@ -120,12 +125,17 @@ class BuiltinEncoder(nn.Module):
 
     BLOCKS = (0, 1, 2, 2, 2)  # residual blocks at strides 2, 4, 8, 16, 32
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, stem_kernel: int = 3):
         super().__init__()
         self.channels = [width, width * 2, width * 4, width * 8, width * 16]
         stages, cin = [], 3
         for i, (cout, blocks) in enumerate(zip(self.channels, self.BLOCKS)):
-            entry = [nn.MaxPool2d(3, 2, 1), conv_bn_relu(cin, cout)] if i == 1 else [conv_bn_relu(cin, cout, stride=2)]
+            if i == 0:
+                entry = [conv_bn_relu(cin, cout, stride=2, kernel=stem_kernel)]
+            elif i == 1:
+                entry = [nn.MaxPool2d(3, 2, 1), conv_bn_relu(cin, cout)]
+            else:
+                entry = [conv_bn_relu(cin, cout, stride=2)]
             stages.append(nn.Sequential(*entry, *(ResidualBlock(cout) for _ in range(blocks))))
             cin = cout
         self.stages = nn.ModuleList(stages)
@@ -219,10 +229,10 @@ class AdaptiveStream(nn.Module):
 
     def __init__(self, num_seg_classes: int, num_cls_classes: int, backbone: str = "adaptivestream",
                  pretrained: bool = False, width: int = 16, stream_channels: int = 128, decoder_channels: int = 16,
-                 aux_strides: Iterable[int] = ()):
+                 aux_strides: Iterable[int] = (), stem_kernel: int = 3):
         super().__init__()
         if backbone == "adaptivestream":
-            self.encoder: nn.Module = BuiltinEncoder(width)
+            self.encoder: nn.Module = BuiltinEncoder(width, stem_kernel)
         else:
             self.encoder = TorchvisionEncoder(backbone, pretrained)
         enc = self.encoder.channels  # strides 2, 4, 8, 16, 32
@@ -288,7 +298,7 @@ class AdaptiveStream(nn.Module):
 def build_model(cfg: Config) -> AdaptiveStream:
     return AdaptiveStream(cfg.num_seg_classes, cfg.num_cls_classes, backbone=cfg.backbone,
                           pretrained=cfg.pretrained, width=cfg.width, stream_channels=cfg.stream_channels,
-                          decoder_channels=cfg.decoder_channels,
+                          decoder_channels=cfg.decoder_channels, stem_kernel=cfg.stem_kernel,
                           aux_strides=cfg.aux_strides if cfg.aux_weight > 0 else ())
 
 
@@ -1052,13 +1062,14 @@ def read_tagged(path: str | Path, tag: str, what: str, error: type[Exception]) -
 def load_checkpoint(path: str | Path, cfg: Config | None = None) -> dict[str, Any]:
     """Load and validate a checkpoint; raise CheckpointError naming the file and what is wrong."""
     payload = read_tagged(path, CHECKPOINT_FORMAT, "checkpoint", CheckpointError)
-    upgrade_aux_head(payload)
+    upgrade_checkpoint(payload)
     bad = nonfinite_tensors({"model": payload["model"], "ema": payload.get("ema") or {}})
     if bad:
         raise CheckpointError(f"checkpoint {path} has non-finite weights: {', '.join(bad[:5])}")
     if cfg is not None:
         saved = payload["config"]
-        for key in ("num_seg_classes", "num_cls_classes", "backbone", "width", "stream_channels", "decoder_channels"):
+        for key in ("num_seg_classes", "num_cls_classes", "backbone", "width", "stream_channels", "decoder_channels",
+                    "stem_kernel"):
             if saved.get(key) != getattr(cfg, key):
                 raise CheckpointError(f"checkpoint {path} was trained with {key}={saved.get(key)!r}, "
                                       f"but the current config has {key}={getattr(cfg, key)!r}")
@@ -1074,9 +1085,11 @@ def load_checkpoint(path: str | Path, cfg: Config | None = None) -> dict[str, An
     return payload
 
 
-def upgrade_aux_head(payload: dict[str, Any]) -> None:
-    """A checkpoint from before AUX_STRIDES (commit 56fd460 and earlier: one aux head, at stride 8, named
-    aux_head) in today's layout, in place: its weights under aux_heads.8, its config with aux_strides [8]."""
+def upgrade_checkpoint(payload: dict[str, Any]) -> None:
+    """A checkpoint of an earlier layout in today's terms, in place. Before STEM_KERNEL the stem was 3x3:
+    its config gets stem_kernel 3 (whatever the default). Before AUX_STRIDES (commit 56fd460 and earlier: one aux head, at stride
+    8, named aux_head): its weights under aux_heads.8, its config with aux_strides [8]."""
+    payload["config"].setdefault("stem_kernel", 3)
     if "aux_strides" in payload["config"]:
         return
     payload["config"]["aux_strides"] = [8]

@@ -81,6 +81,7 @@ def test_int_is_accepted_for_a_float_but_not_the_reverse():
     (["--ignore-index", "1"], "ignore_index"),
     (["--dataset", "folder"], "data_root"),
     (["--seg-class-names", "a,b"], "seg_class_names: has 2 entries but there are 4 classes"),
+    (["--stem-kernel", "4"], "stem_kernel: must be an odd number"),
 ])
 def test_out_of_range_and_wrong_type_name_the_key(argv, message):
     with pytest.raises(ConfigError, match=message):

@@ -31,6 +31,14 @@ def test_decoder_is_five_transposed_conv_stages_from_stride_32():
     assert [f.shape[-1] for f in feats] == [112, 56, 28, 14, 7]
 
 
+@pytest.mark.parametrize("kernel", [3, 7])
+def test_the_stem_kernel_sets_the_first_conv_and_keeps_every_stride(kernel):
+    model = tiny_model(stem_kernel=kernel)
+    stem = model.encoder.stages[0][0][0]
+    assert stem.kernel_size == (kernel, kernel) and stem.stride == (2, 2) and stem.padding == (kernel // 2,) * 2
+    assert [f.shape[-2:] for f in model.encoder(torch.randn(1, 3, 33, 47))] == [(17, 24), (9, 12), (5, 6), (3, 3), (2, 2)]
+
+
 def test_initial_loss_is_close_to_a_uniform_guess_for_each_head():
     torch.manual_seed(0)
     model = T.AdaptiveStream(4, 3, width=8, stream_channels=32, decoder_channels=8)

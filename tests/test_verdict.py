@@ -131,7 +131,7 @@ def test_a_head_with_weight_zero_is_not_judged():
 def high_lr_run(tmp_path_factory):
     """An LR so high that the loss rises above a uniform guess: finished, did not learn."""
     run = tmp_path_factory.mktemp("lr") / "run"
-    argv = JUDGED + ["--out-dir", str(run), "--base-lr", "10", "--warmup-epochs", "0", "--vis-every", "0",
+    argv = JUDGED + ["--out-dir", str(run), "--base-lr", "100", "--warmup-epochs", "0", "--vis-every", "0",
                      "--skip-grad-norm", "1e9", "--epochs", "3"]
     return run, argv, T.main(argv)
 
