@@ -382,12 +382,20 @@ DATASET_ONLY = {"data_root": ("folder", "oxford_pet"), "mask_suffix": ("folder",
                 "synthetic_val_size": ("synthetic",)}
 
 
+# Settings of the built-in encoder: with a torchvision backbone they do nothing, which start-up says.
+BUILTIN_ENCODER_ONLY = ("width", "stem_kernel")
+
+
 def unused_settings(cfg: Config) -> list[str]:
-    """Warnings for the DATASET_ONLY settings changed from their default that cfg.dataset ignores."""
+    """Warnings for the DATASET_ONLY settings changed from their default that cfg.dataset ignores, and the
+    BUILTIN_ENCODER_ONLY ones that a torchvision backbone ignores."""
     default = defaults()
-    return [f"{key} is set but dataset {cfg.dataset} does not use it (only {' and '.join(users)}): it has no effect"
-            for key, users in DATASET_ONLY.items()
-            if cfg.dataset not in users and getattr(cfg, key) != default[key]]
+    warnings = [f"{key} is set but dataset {cfg.dataset} does not use it (only {' and '.join(users)}): it has no effect"
+                for key, users in DATASET_ONLY.items() if cfg.dataset not in users and getattr(cfg, key) != default[key]]
+    if cfg.backbone != "adaptivestream":
+        warnings += [f"{key} is set but backbone {cfg.backbone} does not use it (only the built-in adaptivestream): "
+                     f"it has no effect" for key in BUILTIN_ENCODER_ONLY if getattr(cfg, key) != default[key]]
+    return warnings
 
 
 def effective_warmup_epochs(cfg: Config) -> float:
