@@ -52,14 +52,14 @@ COLOR_JITTER: float = 0.2  # folder, oxford_pet: brightness/contrast/saturation 
 BACKBONE: str = "adaptivestream"  # adaptivestream (built-in, fast) | resnet18 | resnet34 | resnet50 | mobilenet_v3_large
 PRETRAINED: bool = False  # load torchvision's ImageNet weights for a torchvision backbone
 WIDTH: int = 16  # channels at stride 2 of the built-in encoder; doubles (roughly) per stride
-STEM_KERNEL: int = 3  # side of the built-in encoder's stride-2 stem conv, odd; 7 segments edges better, classifies no better (docs/results.md)
+STEM_KERNEL: int = 7  # side of the built-in encoder's stride-2 stem conv, odd (3 before; why 7: docs/results.md)
 STREAM_CHANNELS: int = 128  # channels of the 1x1 stream projection at stride 32
 DECODER_CHANNELS: int = 16  # channels of the last (full-resolution) decoder stage; doubles per stride up
 
 # ---- Loss ----
 SEG_WEIGHT: float = 1.0  # weight of the segmentation loss (cross-entropy + dice_weight x soft Dice)
 DICE_WEIGHT: float = 3.0  # weight of the soft Dice term beside the segmentation cross-entropy (why 3: docs/results.md); 0 = cross-entropy only
-AUX_WEIGHT: float = 0.4  # deep supervision: weight of each coarse head's seg cross-entropy (AUX_STRIDES), training only; 0 = off (no aux heads)
+AUX_WEIGHT: float = 1.0  # deep supervision: weight of each coarse head's seg cross-entropy (AUX_STRIDES), training only; 0 = off (no aux heads)
 AUX_STRIDES: list[int] = [32, 16, 8]  # decoder strides that get a deep-supervision head, any of 32, 16, 8, 4 (used when AUX_WEIGHT > 0)
 CLS_WEIGHT: float = 0.5  # weight of the classification cross-entropy
 IGNORE_INDEX: int = 255  # mask value that is not scored

@@ -112,10 +112,10 @@ class ResidualBlock(nn.Module):
 class BuiltinEncoder(nn.Module):
     """Small ResNet-style encoder: a stride-2 conv stem, a max-pool to stride 4, then residual stages.
 
-    The stem is a stem_kernel x stem_kernel conv (3 by default). Its output is also the decoder's only skip
-    at stride 2, from which the full-resolution logits place each edge: at 7 (ResNet's stem) the digits'
-    val mIoU rose by 0.007-0.010 on each of four seeds for 1.01x the step time, but accuracy did not
-    (0.009 lower over the last five epochs; docs/results.md), so 7 is an option, not the default.
+    The stem is a stem_kernel x stem_kernel conv (7 by default, ResNet's; 3 before STEM_KERNEL). Its output
+    is also the decoder's only skip at stride 2, from which the full-resolution logits place each edge: with
+    aux_weight 1 it raised val mIoU on every synthetic and digits seed, for 1.01x the step time
+    (docs/results.md).
 
     Stage i (stride 2**(i+1)) has width * 2**i channels and BLOCKS[i] residual blocks after its entry
     (a stride-2 conv, or the max-pool and a 3x3 conv at stride 4). On real digits (benchmarks/README.md)
@@ -125,7 +125,7 @@ class BuiltinEncoder(nn.Module):
 
     BLOCKS = (0, 1, 2, 2, 2)  # residual blocks at strides 2, 4, 8, 16, 32
 
-    def __init__(self, width: int, stem_kernel: int = 3):
+    def __init__(self, width: int, stem_kernel: int = 7):
         super().__init__()
         self.channels = [width, width * 2, width * 4, width * 8, width * 16]
         stages, cin = [], 3
@@ -229,7 +229,7 @@ class AdaptiveStream(nn.Module):
 
     def __init__(self, num_seg_classes: int, num_cls_classes: int, backbone: str = "adaptivestream",
                  pretrained: bool = False, width: int = 16, stream_channels: int = 128, decoder_channels: int = 16,
-                 aux_strides: Iterable[int] = (), stem_kernel: int = 3):
+                 aux_strides: Iterable[int] = (), stem_kernel: int = 7):
         super().__init__()
         if backbone == "adaptivestream":
             self.encoder: nn.Module = BuiltinEncoder(width, stem_kernel)
