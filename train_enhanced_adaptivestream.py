@@ -52,9 +52,9 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
-from config import (CLS_WEIGHT, DICE_WEIGHT, IGNORE_INDEX, INVOCATION_ONLY, LABEL_SMOOTHING, LOGIT_BOUND, SEG_WEIGHT,
-                    Config, ConfigError, build_parser, defaults, effective_warmup_epochs, load_config,
-                    unused_settings, validate)
+from config import (BUILTIN_ENCODER_ONLY, CLS_WEIGHT, DECODER_CHANNELS, DICE_WEIGHT, IGNORE_INDEX, INVOCATION_ONLY,
+                    LABEL_SMOOTHING, LOGIT_BOUND, SEG_WEIGHT, STEM_KERNEL, STREAM_CHANNELS, WIDTH, Config, ConfigError,
+                    build_parser, defaults, effective_warmup_epochs, load_config, unused_settings, validate)
 from data import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Baselines, DataError, build_datasets, build_loaders,
                   class_names, data_baselines, image_files, open_image, report_data, resolve_data_settings)
 from results import METRIC_COLUMNS, ResultsRecorder, overlay_mask, save_png, seg_palette, write_metrics_row
@@ -125,7 +125,7 @@ class BuiltinEncoder(nn.Module):
 
     BLOCKS = (0, 1, 2, 2, 2)  # residual blocks at strides 2, 4, 8, 16, 32
 
-    def __init__(self, width: int, stem_kernel: int = 7):
+    def __init__(self, width: int, stem_kernel: int):
         super().__init__()
         self.channels = [width, width * 2, width * 4, width * 8, width * 16]
         stages, cin = [], 3
@@ -228,8 +228,9 @@ class AdaptiveStream(nn.Module):
     """
 
     def __init__(self, num_seg_classes: int, num_cls_classes: int, backbone: str = "adaptivestream",
-                 pretrained: bool = False, width: int = 16, stream_channels: int = 128, decoder_channels: int = 16,
-                 aux_strides: Iterable[int] = (), stem_kernel: int = 7):
+                 pretrained: bool = False, width: int = WIDTH, stream_channels: int = STREAM_CHANNELS,
+                 decoder_channels: int = DECODER_CHANNELS, aux_strides: Iterable[int] = (),
+                 stem_kernel: int = STEM_KERNEL):
         super().__init__()
         if backbone == "adaptivestream":
             self.encoder: nn.Module = BuiltinEncoder(width, stem_kernel)
@@ -1068,8 +1069,10 @@ def load_checkpoint(path: str | Path, cfg: Config | None = None) -> dict[str, An
         raise CheckpointError(f"checkpoint {path} has non-finite weights: {', '.join(bad[:5])}")
     if cfg is not None:
         saved = payload["config"]
-        for key in ("num_seg_classes", "num_cls_classes", "backbone", "width", "stream_channels", "decoder_channels",
-                    "stem_kernel"):
+        architecture = ["num_seg_classes", "num_cls_classes", "backbone", "stream_channels", "decoder_channels"]
+        if saved.get("backbone") == "adaptivestream":  # a torchvision encoder ignores these (unused_settings)
+            architecture += BUILTIN_ENCODER_ONLY
+        for key in architecture:
             if saved.get(key) != getattr(cfg, key):
                 raise CheckpointError(f"checkpoint {path} was trained with {key}={saved.get(key)!r}, "
                                       f"but the current config has {key}={getattr(cfg, key)!r}")
@@ -1086,9 +1089,9 @@ def load_checkpoint(path: str | Path, cfg: Config | None = None) -> dict[str, An
 
 
 def upgrade_checkpoint(payload: dict[str, Any]) -> None:
-    """A checkpoint of an earlier layout in today's terms, in place. Before STEM_KERNEL the stem was 3x3:
-    its config gets stem_kernel 3 (whatever the default). Before AUX_STRIDES (commit 56fd460 and earlier: one aux head, at stride
-    8, named aux_head): its weights under aux_heads.8, its config with aux_strides [8]."""
+    """A checkpoint of an earlier layout in today's terms, in place. Before STEM_KERNEL the stem was 3x3: its
+    config gets stem_kernel 3 (whatever the default). Before AUX_STRIDES (commit 56fd460 and earlier: one aux
+    head, at stride 8, named aux_head): its weights under aux_heads.8, its config with aux_strides [8]."""
     payload["config"].setdefault("stem_kernel", 3)
     if "aux_strides" in payload["config"]:
         return

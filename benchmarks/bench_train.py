@@ -485,8 +485,8 @@ def measure(args: argparse.Namespace, cfg: Config, argv: list[str]) -> dict[str,
             "settings": {"image_size": cfg.image_size, "batch_size": cfg.batch_size, "amp": cfg.amp,
                          "channels_last": cfg.channels_last, "compile": cfg.compile, "backbone": cfg.backbone,
                          "width": cfg.width, "stem_kernel": cfg.stem_kernel, "stream_channels": cfg.stream_channels,
-                         "snapshot_every": cfg.snapshot_every,
-                         "decoder_channels": cfg.decoder_channels, "steps": args.steps, "warmup": args.warmup},
+                         "decoder_channels": cfg.decoder_channels, "snapshot_every": cfg.snapshot_every,
+                         "steps": args.steps, "warmup": args.warmup},
             "matmul_gflops": matmul, "peak_memory_kind": peak_kind, "ours": ours}
         if args.peer:
             peer = summarize_arm(arms["peer"], infos["peer"], times["peer"], matmul)

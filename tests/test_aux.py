@@ -193,6 +193,17 @@ def test_a_checkpoint_from_before_stem_kernel_evaluates_as_its_3x3_stem_and_name
         T.load_checkpoint(old, load_config(TINY))
 
 
+def test_a_torchvision_backbone_checkpoint_from_before_stem_kernel_loads_under_todays_defaults(tmp_path):
+    """stem_kernel (like width) shapes only the built-in encoder: an old resnet18 checkpoint upgraded to
+    stem_kernel 3 is not refused by today's default of 7."""
+    cfg = load_config(TINY + ["--backbone", "resnet18"])
+    settings = cfg.to_dict()
+    del settings["stem_kernel"]
+    path = tmp_path / "old.pt"
+    torch.save({"format": T.CHECKPOINT_FORMAT, "model": T.build_model(cfg).state_dict(), "config": settings}, path)
+    assert T.load_checkpoint(path, cfg)["config"]["stem_kernel"] == 3
+
+
 def test_diagnose_sends_the_gradient_through_the_aux_head(make_run):
     run = make_run(*AUX)
     images, masks, labels = first_batch(run)
