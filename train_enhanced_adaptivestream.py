@@ -522,6 +522,13 @@ class WarmupLRScheduler(torch.optim.lr_scheduler.LRScheduler):
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
+def peak_lr(cfg: Config) -> float:
+    """base_lr, times the number of processes under torchrun with scale_lr (the linear scaling rule, Goyal et
+    al., 2017). cfg.base_lr itself stays as given, so that a run's config.yaml repeats the run."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return cfg.base_lr * world_size if cfg.scale_lr else cfg.base_lr
+
+
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     """Fused optimizers: they take the guard's found_inf flag and skip on the device (no host sync)."""
     decay, no_decay = [], []
@@ -530,9 +537,9 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
             (no_decay if param.dim() <= 1 else decay).append(param)  # no decay on BN and biases
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, fused=True)
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=peak_lr(cfg), momentum=cfg.momentum, fused=True)
     else:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.base_lr, fused=True)
+        optimizer = torch.optim.AdamW(groups, lr=peak_lr(cfg), fused=True)
     zero_missing_momentum(optimizer)
     return optimizer
 
@@ -1734,16 +1741,23 @@ def given_settings(argv: list[str]) -> set[str]:
     return given
 
 
+def checkpoint_settings(cfg: Config, saved: dict[str, Any], argv: list[str] | None,
+                        keep: tuple[str, ...] = ()) -> Config:
+    """cfg with a checkpoint's saved settings, except those this command line gives (flags or --config),
+    the command's own (device, output, logging) and `keep`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    kept = given_settings(argv) | _INVOCATION_KEYS | set(keep)
+    values = cfg.to_dict()
+    values.update({k: v for k, v in saved.items() if k in values and k not in kept})
+    merged = Config(**values)
+    validate(merged)
+    return merged
+
+
 def inference_config(cfg: Config, argv: list[str] | None) -> tuple[Config, dict[str, Any]]:
     """(config, checkpoint) for --eval-only / --predict: the checkpoint's training settings, except those
     this command line gives and the command's own (device, output); checked against the checkpoint."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    saved = load_checkpoint(cfg.checkpoint)["config"]
-    keep = given_settings(argv) | _INVOCATION_KEYS
-    values = cfg.to_dict()
-    values.update({k: v for k, v in saved.items() if k in values and k not in keep})
-    merged = Config(**values)
-    validate(merged)
+    merged = checkpoint_settings(cfg, load_checkpoint(cfg.checkpoint)["config"], argv)
     return merged, load_checkpoint(cfg.checkpoint, merged)  # names any architecture setting given differently
 
 
@@ -2158,6 +2172,23 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
                eval_compile_pending=compile_asked if cfg.compile == "on" else None)
 
 
+# Settings each machine resolves again on resume: a checkpoint holds what `auto` became where it was written.
+MACHINE_SETTINGS = ("amp", "channels_last", "compile")
+
+
+def resumed_config(cfg: Config, checkpoint: Path, argv: list[str] | None) -> Config:
+    """A resumed run goes on with the settings it was trained with: the checkpoint's, except those this command
+    gives (as for --eval-only), its own (device, output, logging) and MACHINE_SETTINGS. Logs the ones that differ
+    from what this command alone would use (a default changed since, or a flag left out)."""
+    merged = checkpoint_settings(cfg, load_checkpoint(checkpoint)["config"], argv, keep=MACHINE_SETTINGS)
+    taken = {k: v for k, v in merged.to_dict().items() if v != getattr(cfg, k)}
+    if taken:  # a setting not given here has its config.py default in cfg
+        log.info("resume: settings this command does not give are the checkpoint's; these differ from config.py: "
+                 "%s (give one again to change it)", ", ".join(f"{k}={v!r} (default {getattr(cfg, k)!r})"
+                                                              for k, v in taken.items()))
+    return merged
+
+
 def resume_path(cfg: Config, run_dir: Path) -> Path | None:
     """--resume PATH, or --resume auto: this run folder's last.pt if there is one (else start fresh)."""
     if cfg.resume != "auto":
@@ -2184,7 +2215,7 @@ def install_stop_handlers(run: Run) -> dict[int, Any]:
     return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
 
-def _start(cfg: Config) -> tuple[Run, list[logging.Handler]]:
+def _start(cfg: Config, argv: list[str] | None) -> tuple[Run, list[logging.Handler]]:
     """Run folder, logging and the Run, resumed if asked. A start-up error removes a run folder it created."""
     world_size, is_main = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")) == 0
     if world_size > 1 and not cfg.out_dir:
@@ -2192,8 +2223,6 @@ def _start(cfg: Config) -> tuple[Run, list[logging.Handler]]:
     if world_size > 1 and cfg.sync_bn and not str(cfg.device).startswith(("cuda", "auto")):
         raise ConfigError("sync_bn: SyncBatchNorm needs CUDA; drop --sync-bn on CPU")
     resolve_device(cfg.device)  # a bad --device stops here, before any folder is made
-    if cfg.scale_lr and world_size > 1:
-        cfg.base_lr *= world_size  # linear scaling rule (Goyal et al., 2017)
     run_dir = Path(cfg.out_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
     cfg.out_dir = str(run_dir)
     created = is_main and not run_dir.exists()
@@ -2201,7 +2230,7 @@ def _start(cfg: Config) -> tuple[Run, list[logging.Handler]]:
         run_dir.mkdir(parents=True, exist_ok=True)
     handlers = setup_logging(run_dir if is_main else None, quiet=not is_main)
     try:
-        return _build_and_resume(cfg, run_dir, is_main), handlers
+        return _build_and_resume(cfg, run_dir, is_main, argv), handlers
     except (ConfigError, DataError, CheckpointError):
         if created:  # nothing trained: leave no half-made run folder behind
             for handler in handlers:
@@ -2212,10 +2241,13 @@ def _start(cfg: Config) -> tuple[Run, list[logging.Handler]]:
         raise
 
 
-def _build_and_resume(cfg: Config, run_dir: Path, is_main: bool) -> Run:
+def _build_and_resume(cfg: Config, run_dir: Path, is_main: bool, argv: list[str] | None) -> Run:
     checkpoint = resume_path(cfg, run_dir)
     if checkpoint is not None and not checkpoint.is_file():  # before the data scan, which can take minutes
         raise CheckpointError(f"resume: checkpoint {checkpoint} does not exist")
+    warnings = unused_settings(cfg)  # about what this command sets, before a checkpoint's settings join them
+    if checkpoint is not None:
+        cfg = resumed_config(cfg, checkpoint, argv)
     if cfg.warmup_epochs >= cfg.epochs:
         log.info("warmup_epochs %g >= epochs %d: warm-up shortened to %g epochs (half the run)", cfg.warmup_epochs,
                  cfg.epochs, effective_warmup_epochs(cfg))
@@ -2225,7 +2257,7 @@ def _build_and_resume(cfg: Config, run_dir: Path, is_main: bool) -> Run:
         changed = {k: v for k, v in saved.items() if v != defaults().get(k)}
         log.info("settings that differ from config.py (all of them: %s): %s", run_dir / "config.yaml",
                  ", ".join(f"{k}={v}" for k, v in changed.items()) or "none")
-        for warning in unused_settings(cfg):
+        for warning in warnings:
             log.warning("%s", warning)
     run = build_run(cfg, run_dir)
     if checkpoint is not None:
@@ -2242,8 +2274,8 @@ def _build_and_resume(cfg: Config, run_dir: Path, is_main: bool) -> Run:
     log.info("device %s | %s backbone | %.2fM parameters | %d train / %d val images | %d steps per epoch",
              run.device, cfg.backbone, params / 1e6, len(run.train_loader.dataset),
              len(run.val_loader.dataset.dataset), run.steps_per_epoch)
-    log.info("global batch %d = batch_size %d x %d process(es); base_lr %g (scale_lr %s)",
-             cfg.batch_size * run.world_size, cfg.batch_size, run.world_size, cfg.base_lr, cfg.scale_lr)
+    log.info("global batch %d = batch_size %d x %d process(es); peak LR %g (base_lr %g, scale_lr %s)",
+             cfg.batch_size * run.world_size, cfg.batch_size, run.world_size, peak_lr(cfg), cfg.base_lr, cfg.scale_lr)
     return run
 
 
@@ -2308,7 +2340,7 @@ def main(argv: list[str] | None = None) -> int:
             handlers = setup_logging(None, quiet=int(os.environ.get("RANK", "0")) != 0)
             command = evaluate_checkpoint if cfg.eval_only else predict_images if cfg.predict else export_model
             return command(cfg, argv)
-        run, handlers = _start(cfg)
+        run, handlers = _start(cfg, argv)
         previous_handlers = install_stop_handlers(run)
         fit(run)
         return conclude(run)

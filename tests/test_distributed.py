@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import train_enhanced_adaptivestream as T
 from data import build_datasets, build_loaders
@@ -44,12 +45,17 @@ SPIKE_STATS = ["--grad-spike-factor", "1000", "--spike-warmup", "2"]  # the guar
 
 def test_two_processes_agree_and_their_metrics_equal_a_one_process_evaluation(tmp_path, monkeypatch):
     # with the aux head (the default model; TINY has none): its extra output and gradient go through DDP
-    (rank0, rank1), console = torchrun(tmp_path, extra=SPIKE_STATS + AUX)
+    (rank0, rank1), console = torchrun(tmp_path, extra=SPIKE_STATS + AUX + ["--scale-lr"])
     assert_same_weights(rank0, rank1)
+    # --scale-lr: the optimizer's peak is base_lr x 2, while config.yaml keeps base_lr as given (so that it
+    # repeats the run rather than scaling twice)
+    run_dir = tmp_path / "run"
+    assert T.load_checkpoint(run_dir / "last.pt")["scheduler"]["base_lrs"] == [2e-3, 2e-3]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["base_lr"] == 1e-3
+    assert "peak LR 0.002 (base_lr 0.001, scale_lr True)" in console
     # What the user reads counts the whole val split, once: rank 1 repeats no verdict line.
     assert "| 16 train, 7 val images" in console and "16 train / 7 val images" in console
     assert "[rank error]" not in console and console.count("verdict: seg") == 1
-    run_dir = tmp_path / "run"
     row = list(csv.DictReader(open(run_dir / "metrics.csv")))[-1]
     cfg = load_config(ARGS + AUX + ["--out-dir", str(run_dir)])
     model = T.build_model(cfg)

@@ -165,6 +165,31 @@ def test_checkpoint_validation_names_the_file_and_the_problem(tmp_path, tiny_arg
         T.load_checkpoint(old)
 
 
+def test_a_resume_goes_on_with_the_checkpoints_settings_unless_the_command_gives_them(tmp_path):
+    """--resume alone continues the run as it was trained (a default changed since, or a flag left out, does not
+    change it); a setting given again wins; amp, channels_last and compile are resolved again on each machine."""
+    run = tmp_path / "run"
+    first = ["--label-smoothing", "0.1", "--cls-weight", "0.7", "--stem-kernel", "5", "--epochs", "1"]
+    assert T.main(TINY + first + ["--out-dir", str(run)]) == 0
+    # TINY gives --epochs 2 and --cls-weight 0.9 here; label_smoothing and stem_kernel are left out
+    again = TINY + ["--cls-weight", "0.9", "--out-dir", str(run), "--resume", "auto"]
+    assert T.main(again) == 0
+    resumed = yaml.safe_load((run / "config.yaml").read_text())
+    assert (resumed["label_smoothing"], resumed["stem_kernel"]) == (0.1, 5)  # the checkpoint's, not the defaults
+    assert (resumed["cls_weight"], resumed["epochs"]) == (0.9, 2)  # given again
+    assert T.load_checkpoint(run / "last.pt")["state"]["epoch"] == 2
+    log = (run / "train.log").read_text()
+    assert "stem_kernel=5 (default 7), label_smoothing=0.1 (default 0.0) (give one again" in log
+    # a checkpoint holds what amp auto became where it was written; this machine decides again
+    payload = T.load_checkpoint(run / "last.pt")
+    payload["config"].update(amp="bf16", compile="on")
+    moved = tmp_path / "moved.pt"
+    torch.save(payload, moved)
+    argv = ["--resume", str(moved)]
+    cfg = T.resumed_config(T.load_config(argv), moved, argv)
+    assert (cfg.amp, cfg.compile, cfg.label_smoothing, cfg.image_size) == ("auto", "auto", 0.1, 32)
+
+
 def test_resume_from_a_bad_checkpoint_exits_2(tmp_path, tiny_args, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_text("not a checkpoint")
