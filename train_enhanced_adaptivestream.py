@@ -564,6 +564,18 @@ def zero_missing_momentum(optimizer: torch.optim.Optimizer) -> None:
                 state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
+def match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Put each optimizer state tensor of a parameter's shape (AdamW's moments, SGD's momentum) in that
+    parameter's memory layout. load_state_dict keeps the strides a checkpoint was saved with, and a run resumed
+    under another channels_last setting (resolved again on each machine) gets channels-last moments for
+    contiguous weights, or the reverse: CUDA's fused kernels then refuse to step, and the CPU's step silently
+    pairs each weight with another element's moments (measured: 0.15 off after one AdamW step)."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of x86 CPUs with bf16 arithmetic in hardware
 
@@ -587,9 +599,11 @@ def resolve_amp(amp: str, device: torch.device) -> tuple[str, str]:
         return amp, "set explicitly"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        if torch.cuda.is_bf16_supported():
-            return "bf16", f"{name} supports bf16 (torch.cuda.is_bf16_supported)"
-        return "off", f"{name} has no bf16; fp16 is never chosen automatically (pass --amp fp16 to use it)"
+        # Pre-Ampere GPUs (V100, T4) emulate bf16, which is_bf16_supported() counts unless told not to.
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bf16", f"{name} computes bf16 natively (torch.cuda.is_bf16_supported)"
+        return "off", (f"{name} has no native bf16; fp16 is never chosen automatically (pass --amp fp16 to use "
+                       f"it)")
     flags = cpu_bf16_flags()
     capability = torch.backends.cpu.get_cpu_capability()
     if flags:
@@ -663,6 +677,14 @@ SKIP_REASONS = {1: "non-finite loss", 2: "non-finite gradient", 3: "gradient exp
                 4: "gradient spike", 5: "loss spike"}
 
 
+def lower_nanmedian(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's median of its non-NaN values, the lower middle one for an even count (NaN for a row of NaNs):
+    torch.nanmedian(dim=1).values, without the indices output that CUDA's deterministic mode refuses to compute
+    (--deterministic stopped the first step with a spike check on). sort puts NaN last; no host sync."""
+    count = (~rows.isnan()).sum(dim=1, keepdim=True)
+    return rows.sort(dim=1).values.gather(1, (count - 1).clamp_min(0) // 2).squeeze(1)
+
+
 class StepGuard:
     """Decides on the device whether a step is applied, and undoes what the forward pass changed.
 
@@ -696,7 +718,7 @@ class StepGuard:
     def reason(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         reason = torch.zeros((), dtype=torch.long, device=loss.device)
         if self.grad_spike > 0 or self.loss_spike > 0:
-            median = self.history.nanmedian(dim=1).values  # [2]
+            median = lower_nanmedian(self.history)  # [2]
             warm = self.accepted >= self.spike_warmup
             if self.loss_spike > 0:
                 reason = torch.where(warm & (loss > self.loss_spike * median[1]), 5, reason)
@@ -785,6 +807,7 @@ def restore_training_state(run: Run, saved: dict[str, Any]) -> None:
     saved = _cpu_copy(saved)  # load_state_dict may keep references; the saved copy must stay intact
     unwrap(run.model).load_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
+    match_parameter_layout(run.optimizer)
     zero_missing_momentum(run.optimizer)
     run.scheduler.load_state_dict(saved["scheduler"])
     run.scheduler.refresh()
@@ -2057,10 +2080,11 @@ def export_model(cfg: Config, argv: list[str] | None) -> int:
 
 # ---- main ----
 def resolve_device(name: str) -> torch.device:
-    """auto -> cuda if available else cpu; raise ConfigError naming the devices this machine has."""
+    """auto -> cuda:0 if available else cpu; raise ConfigError naming the devices this machine has. A CUDA
+    device always has an index (cuda -> cuda:0, as in a fresh process): torch.cuda.set_device needs one."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if name == "auto":
-        return torch.device("cuda" if count else "cpu")
+        return torch.device("cuda", 0) if count else torch.device("cpu")
     have = "cpu" + "".join(f", cuda:{i}" for i in range(count)) + " (or auto)"
     try:
         device = torch.device(name)
@@ -2071,7 +2095,7 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and (count == 0 or (device.index or 0) >= count):
         raise ConfigError(f"device: {name!r} requested but " + ("CUDA is not available" if count == 0 else
                           f"there are only {count} CUDA device(s)") + f"; this machine has: {have}")
-    return device
+    return torch.device("cuda", device.index or 0) if device.type == "cuda" else device
 
 
 def seed_everything(seed: int) -> None:

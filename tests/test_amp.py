@@ -33,9 +33,13 @@ def test_auto_on_cpu_is_bf16_only_with_native_bf16(monkeypatch, flags, expected)
     assert ("native bf16" in why) and (flags[0] in why if flags else "without" in why)
 
 
-@pytest.mark.parametrize("supported, expected", [(True, "bf16"), (False, "off")])
-def test_auto_on_cuda_follows_is_bf16_supported_and_never_picks_fp16(monkeypatch, supported, expected):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
+@pytest.mark.parametrize("native, emulated, expected", [
+    (True, True, "bf16"),  # Ampere and later
+    (False, True, "off"),  # V100, T4: torch.cuda.is_bf16_supported() says True by default, emulating it
+    (False, False, "off")])
+def test_auto_on_cuda_is_bf16_only_where_the_gpu_computes_it_and_never_fp16(monkeypatch, native, emulated, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native or (including_emulation and emulated))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Fake GPU")
     monkeypatch.setattr(T, "cpu_bf16_flags", lambda: ["amx_bf16"])  # the CPU's answer must not leak in
     amp, why = T.resolve_amp("auto", torch.device("cuda", 0))

@@ -212,6 +212,31 @@ def test_channels_last_auto_is_on_for_cpu_and_cuda_with_amp_and_off_for_cuda_in_
     assert T.resolve_channels_last("off", torch.device("cuda", 0))[0] == "off"
 
 
+@pytest.mark.parametrize("saved, resumed", [("on", "off"), ("off", "on")])
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_a_state_saved_in_one_memory_layout_steps_the_same_in_the_other(make_run, saved, resumed, optimizer):
+    """channels_last is resolved again on resume: a checkpoint's moments come back in the parameters' layout,
+    and the next optimizer step gives the weights that the saved layout would have given, bit for bit."""
+    source = make_run("--channels-last", saved, "--optimizer", optimizer)
+    T.train_step(source, *batch_of(source))
+    state = T._cpu_copy(T.training_state(source))
+    same, other = make_run("--channels-last", saved, "--optimizer", optimizer), make_run(
+        "--channels-last", resumed, "--optimizer", optimizer)
+    for run in (same, other):
+        T.restore_training_state(run, state)
+        for param in run.model.parameters():
+            # one gradient by value, in the parameter's layout as autograd gives it
+            param.grad = torch.empty_like(param).copy_(torch.linspace(-1, 1, param.numel()).view(param.shape))
+        run.optimizer.step()
+    conv = T.unwrap(other.model).encoder.stages[0][0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) == (resumed == "on")
+    for param in other.model.parameters():
+        for value in other.optimizer.state[param].values():
+            assert not torch.is_tensor(value) or value.shape != param.shape or value.stride() == param.stride()
+    for (name, expected), actual in zip(same.model.named_parameters(), other.model.parameters()):
+        assert torch.equal(expected, actual), name
+
+
 def test_auto_settings_are_resolved_logged_and_checkpointed_as_their_choice(make_run, caplog):
     with caplog.at_level(logging.INFO, logger=T.log.name):
         run = make_run("--channels-last", "auto", "--compile", "auto")  # 8 planned steps: compile auto is off

@@ -11,6 +11,7 @@ import torch
 
 import test_guard
 import train_enhanced_adaptivestream as T
+from conftest import TINY
 from test_guard import assert_unchanged, snapshot
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -41,9 +42,24 @@ def run_without_sync(run, batches, rounds):
     return torch.stack(stats).cpu()
 
 
-@pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
-def test_steady_state_guarded_steps_make_no_host_sync(make_run, amp):
-    run = make_run("--device", "cuda", "--amp", amp)
+# Every check of the guard, class weights, label smoothing, aux heads and EMA (tests/test_guard.py watches the
+# same step's ops on the CPU).
+EVERYTHING = ("--grad-spike-factor", "10", "--loss-spike-factor", "10", "--spike-warmup", "0", "--seg-class-weights",
+              "auto", "--cls-class-weights", "auto", "--label-smoothing", "0.1", "--aux-weight", "1", "--ema-decay", "0.9")
+
+
+@pytest.fixture
+def backends_reset():
+    """--deterministic sets process-wide switches; the tests after this one run with the defaults again."""
+    yield
+    T.configure_backends(T.load_config(TINY), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("amp, extra", [("off", ()), ("bf16", ()), ("fp16", ()), ("bf16", EVERYTHING),
+                                        # deterministic mode refuses some kernels (median with indices)
+                                        ("off", EVERYTHING + ("--deterministic",))])
+def test_steady_state_guarded_steps_make_no_host_sync(make_run, backends_reset, amp, extra):
+    run = make_run("--device", "cuda", "--amp", amp, *extra)
     batches = device_batches(run, 2)
     for images, masks, labels in batches:
         T.train_step(run, images, masks, labels)  # warm-up: optimizer state, kernel selection

@@ -282,3 +282,48 @@ def test_bn_stash_and_restore_take_a_handful_of_ops_not_one_per_buffer(make_run)
         guard.commit(skip, loss, grad_norm)
     top_level = [e.name for e in prof.events() if e.cpu_parent is None]
     assert len(top_level) <= 10, top_level  # per dtype: cat (stash); cat, where, split, _foreach_copy_ (restore)
+
+
+def test_lower_nanmedian_is_torch_nanmedian_without_its_indices():
+    torch.manual_seed(0)
+    rows = torch.randn(64, 9)
+    rows[:, :4] = rows[:, :4].round()  # ties
+    for r, missing in enumerate(torch.randint(0, 10, (64,)).tolist()):  # 0-9 NaN slots: even and odd counts,
+        rows[r, torch.randperm(9)[:missing]] = float("nan")  # and rows of NaNs only
+    torch.testing.assert_close(T.lower_nanmedian(rows), rows.nanmedian(dim=1).values, rtol=0, atol=0,
+                               equal_nan=True)
+
+
+# Ops that make the host wait for a CUDA device (a value or a data-dependent shape read back), or that CUDA's
+# deterministic mode refuses (median with indices). The CPU runs them without complaint, so this test watches
+# the dispatcher; tests/test_cuda.py checks the same on a GPU with sync debug mode and --deterministic.
+WAITING_OPS = ("aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.masked_select", "aten.unique",
+               "aten._unique", "aten.median.dim", "aten.nanmedian.dim", "aten.equal", "aten.is_nonzero")
+
+
+class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_guarded_steps_dispatch_no_op_that_waits_for_the_device(make_run):
+    """Every check of the guard on, class weights, label smoothing and the aux heads: an accepted and a
+    skipped step run only ops that the device can queue without telling the host anything."""
+    run = make_run("--grad-spike-factor", "10", "--loss-spike-factor", "10", "--spike-warmup", "0",
+                   "--seg-class-weights", "auto", "--cls-class-weights", "auto", "--label-smoothing", "0.1",
+                   "--aux-weight", "1", "--ema-decay", "0.9")
+    images, masks, labels = first_batch(run)
+    T.train_step(run, images, masks, labels)  # warm-up: optimizer state
+    poisoned = images.clone()
+    poisoned[0, :, 3, 3] = float("nan")
+    with OpLog() as log:
+        accepted = T.train_step(run, images, masks, labels)
+        skipped = T.train_step(run, poisoned, masks, labels)
+    assert int(accepted[4]) == 0 and T.SKIP_REASONS[int(skipped[4])] == "non-finite loss"
+    assert not {op for op in log.ops if op.startswith(WAITING_OPS)}, sorted(log.ops)
+    assert {"aten.sort.default", "aten.sort.stable"} & log.ops  # the spike check ran

@@ -232,6 +232,22 @@ def test_a_bad_device_exits_2_naming_the_devices_and_leaves_no_run_folder(tmp_pa
     assert not run.exists()
 
 
+def test_a_cuda_device_always_has_the_index_that_set_device_needs(monkeypatch):
+    """torch.cuda.set_device raises ValueError for an index-less torch.device("cuda") before it touches a
+    driver: every single-GPU run (--device cuda, or auto on a GPU machine) stopped at start-up that way."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [T.resolve_device(name) for name in ("auto", "cuda", "cuda:0", "cuda:1", "cpu")] == [
+        torch.device("cuda", 0), torch.device("cuda", 0), torch.device("cuda", 0), torch.device("cuda", 1),
+        torch.device("cpu")]
+    chosen = []  # set_device's own argument check (torch.cuda._utils._get_device_index), without a driver
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(torch.cuda._utils._get_device_index(d)))
+    monkeypatch.setattr(T, "configure_backends", lambda cfg, device: None)
+    for name in ("auto", "cuda", "cuda:1"):
+        assert T.setup_distributed(T.load_config(TINY + ["--device", name]))[2].type == "cuda"
+    assert chosen == [0, 0, 1]
+
+
 def test_a_start_up_error_removes_the_run_folder_it_made_but_keeps_one_that_existed(tmp_path):
     made, existing = tmp_path / "made", tmp_path / "existing"
     existing.mkdir()
