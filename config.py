@@ -112,7 +112,7 @@ EXPORT: str | None = None  # write --checkpoint's model for deployment: PATH.pt2
 SEED: int = 0  # seeds python, numpy and torch
 DEVICE: str = "auto"  # auto | cpu | cuda | cuda:N
 OUT_DIR: str | None = None  # run folder (default runs/<timestamp>)
-RESUME: str | None = None  # checkpoint to resume from, or auto (<out_dir>/last.pt if it exists)
+RESUME: str | None = None  # checkpoint to resume from, or auto (<out_dir>/last.pt if it exists); its settings apply unless given again
 CHECKPOINT_EVERY: int = 200  # also write last.pt every this many steps (0 = only at epoch ends)
 SYNC_BN: bool = False  # under torchrun on CUDA: SyncBatchNorm (batch statistics over all GPUs)
 DETERMINISTIC: bool = False  # CUDA: deterministic algorithms, no cuDNN autotuning (bit-identical resume, slower)
