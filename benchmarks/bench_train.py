@@ -105,17 +105,24 @@ def count_forward_flops(model: nn.Module, cfg: Config, device: torch.device) -> 
 
 
 def measure_matmul_gflops(device: torch.device, repeats: int = 10) -> float:
-    """This machine's fp32 matrix-multiply rate: the compute ceiling a training step is compared with."""
-    n = 2048 if device.type == "cuda" else 1024
+    """This machine's fp32 matrix-multiply rate: the compute ceiling a training step is compared with. In fp32
+    itself: on CUDA the training set-up allows TF32 matmuls (precision "high"), which would time tensor cores
+    at several times the fp32 rate. 4096 on a GPU, so that one product outlasts the sync around it."""
+    n = 4096 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     times = []
-    for i in range(repeats + 2):
-        sync(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        for i in range(repeats + 2):
+            sync(device)
+            start = time.perf_counter()
+            torch.mm(a, b)
+            sync(device)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+    finally:
+        torch.set_float32_matmul_precision(precision)
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
@@ -452,14 +459,16 @@ def measure(args: argparse.Namespace, cfg: Config, argv: list[str]) -> dict[str,
                        if compile_asked == "auto" else compile_asked)
         batches = make_batches(base, max(2, args.eval_batches))
         infos = {"guarded": describe_model(base.model, cfg, device)}
+        if device.type == "cuda":  # the first step runs cuDNN's autotuning, whose trial workspaces are no step's
+            T.train_step(base, *batches[0])
+            sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        T.train_step(base, *batches[0])  # the peak of one guarded step, before any other model is built
+        sync(device)
+        peak_mb, peak_kind = peak_memory_mb(device)
         unguarded_model = T.build_model(cfg)
         unguarded_model.load_state_dict(base.model.state_dict())  # the same weights as the guarded arm
         arms = {"guarded": base, "unguarded": run_with_model(base, unguarded_model, guarded=False)}
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        T.train_step(base, *batches[0])  # the peak of one guarded step, before any other model has trained
-        sync(device)
-        peak_mb, peak_kind = peak_memory_mb(device)
         if args.peer:
             arms["peer"] = run_with_model(base, build_peer(cfg), guarded=True)
             infos["peer"] = describe_model(arms["peer"].model, cfg, device)

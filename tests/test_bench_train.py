@@ -3,6 +3,8 @@
 import json
 import math
 
+import torch
+
 from conftest import TINY, load_benchmark
 
 import train_enhanced_adaptivestream as T
@@ -45,3 +47,17 @@ def test_bench_train_refuses_to_time_skipped_steps(capsys):
 def test_a_typo_of_the_benchmarks_own_flag_suggests_that_flag(capsys):
     assert load_bench().main(TINY + ["--stpes", "2"]) == 2
     assert "unknown flag --stpes (did you mean '--steps'?)" in capsys.readouterr().err
+
+
+def test_the_matmul_ceiling_is_timed_in_fp32_even_where_training_allows_tf32(monkeypatch):
+    """configure_backends sets float32 matmul precision "high" on CUDA (TF32 tensor cores): the fp32 ceiling
+    must not be timed that way, and the training setting must come back."""
+    seen, mm = [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: seen.append(torch.get_float32_matmul_precision()) or mm(a, b))
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert load_bench().measure_matmul_gflops(torch.device("cpu"), repeats=1) > 0
+        assert set(seen) == {"highest"} and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
