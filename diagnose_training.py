@@ -772,7 +772,7 @@ def check_checkpoint(payload: dict[str, Any], path: str | Path, cfg: Config) -> 
     problem = ""
     try:  # first against its own settings: a checkpoint of an earlier model layout is named as such
         T.check_model_layout(path, payload)
-        T.build_model(cfg).load_state_dict(payload["model"])
+        T.build_model(cfg, from_checkpoint=True).load_state_dict(payload["model"])
     except T.CheckpointError as err:
         problem = str(err)
     except RuntimeError as err:
@@ -1131,7 +1131,7 @@ def check_bad_batch(payload: dict[str, Any], cfg: Config, device: torch.device) 
     checks = data + [judge("bad_batch.weights", not bad_weights, f"{len(bad_weights)} non-finite tensors"
                            + (f": {show(bad_weights)}" if bad_weights else ""), "0",
                            "the weights were already broken before this batch", "weights")]
-    model = T.build_model(run_cfg).to(device)
+    model = T.build_model(run_cfg, from_checkpoint=True).to(device)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as err:
@@ -1302,7 +1302,7 @@ def diagnose_learning(model: nn.Module, tensors: tuple[torch.Tensor, ...], cfg: 
 
 def diagnose(cfg: Config, options: argparse.Namespace, inputs: Inputs, out: Reporter) -> None:
     """Every check, in the report's order."""
-    device = T.resolve_device(cfg.device)
+    device = T.use_device(cfg.device)
     if cfg.amp == "auto":  # as the training run resolves it (build_run), so the checks see the same precision
         cfg.amp, why = T.resolve_amp(cfg.amp, device)
         print(f"amp auto -> {cfg.amp} ({why})", flush=True)
@@ -1335,7 +1335,7 @@ def diagnose(cfg: Config, options: argparse.Namespace, inputs: Inputs, out: Repo
         checks, usable = check_checkpoint(inputs.checkpoint, options.checkpoint, cfg)
         out.add(checks)
     if usable and ready:
-        trained_model = T.build_model(cfg).to(device)
+        trained_model = T.build_model(cfg, from_checkpoint=True).to(device)
         trained_model.load_state_dict(inputs.checkpoint["model"])
         batches = [batch_tensors(b, cfg, device) for b in itertools.islice(setup.loader, BN_CHECK_BATCHES)]
         out.add(check_batchnorm(trained_model, batches, T.build_loss(cfg).to(device), cfg, setup.loader))

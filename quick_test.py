@@ -81,9 +81,9 @@ def run_checks(device: str, out_dir: Path) -> list[tuple[str, bool, str]]:
     skipped = sum(int(r["skipped_steps"]) for r in rows)
     checks.append(("no skipped steps", skipped == 0, f"{skipped}"))
 
-    # Re-evaluated as a user would (--eval-only): with the run's resolved precision and memory format, which
-    # the checkpoint holds. Where amp auto picks bf16 (a CPU with avx512_bf16), a float32 re-evaluation
-    # differs from the logged bf16 one (measured: 1.3e-4 in mIoU), and so would a check that ignored them.
+    # Re-evaluated as a user would (--eval-only): in the run's precision and memory format, which the checkpoint
+    # records (auto ones are resolved again, the same way on the same machine). Where amp auto picks bf16 (a CPU
+    # with avx512_bf16), a float32 re-evaluation differs from the logged bf16 one (measured: 1.3e-4 in mIoU).
     code = T.main(["--eval-only", "--checkpoint", str(out_dir / "last.pt"), "--device", device,
                    "--out", str(out_dir / "eval")])
     eval_json = out_dir / "eval" / "eval.json"

@@ -296,9 +296,11 @@ class AdaptiveStream(nn.Module):
         return seg, cls
 
 
-def build_model(cfg: Config) -> AdaptiveStream:
+def build_model(cfg: Config, from_checkpoint: bool = False) -> AdaptiveStream:
+    """The model of cfg; from_checkpoint: its weights are about to be loaded, so no pretrained ones are fetched
+    (a checkpoint trained with --pretrained resumes, evaluates and predicts offline)."""
     return AdaptiveStream(cfg.num_seg_classes, cfg.num_cls_classes, backbone=cfg.backbone,
-                          pretrained=cfg.pretrained, width=cfg.width, stream_channels=cfg.stream_channels,
+                          pretrained=cfg.pretrained and not from_checkpoint, width=cfg.width, stream_channels=cfg.stream_channels,
                           decoder_channels=cfg.decoder_channels, stem_kernel=cfg.stem_kernel,
                           aux_strides=cfg.aux_strides if cfg.aux_weight > 0 else ())
 
@@ -310,11 +312,13 @@ class WeightEMA:
     n-th accepted update (the warm-up of timm's ModelEmaV3, so a short run is not dominated by its random
     init). On a skipped step w is 0, decided on the device: swa_utils.AveragedModel reads its update count
     on the host (a sync per step on CUDA) and has no way to skip an update. BatchNorm buffers are the
-    model's own: copied when they are read (eval_model, state_dict), not on every step.
+    model's own: copied when they are read (eval_model, state_dict), not on every step; with own_buffers
+    (BN_RECALIBRATE: re-estimated for the averaged weights before each evaluation) they are never copied, so
+    that a checkpoint holds the statistics its evaluation used.
     """
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.source, self.decay = model, decay
+    def __init__(self, model: nn.Module, decay: float, own_buffers: bool = False):
+        self.source, self.decay, self.own_buffers = model, decay, own_buffers
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.params = [p.detach() for p in model.parameters()]
         self.averaged = list(self.module.parameters())
@@ -329,9 +333,10 @@ class WeightEMA:
 
     @torch.no_grad()
     def synced(self) -> nn.Module:
-        """The averaged model with the source model's current BatchNorm statistics."""
-        for mine, theirs in zip(self.module.buffers(), self.source.buffers()):
-            mine.copy_(theirs)
+        """The averaged model with the source model's current BatchNorm statistics (its own with own_buffers)."""
+        if not self.own_buffers:
+            for mine, theirs in zip(self.module.buffers(), self.source.buffers()):
+                mine.copy_(theirs)
         return self.module
 
     def state_dict(self) -> dict[str, Any]:
@@ -588,6 +593,11 @@ def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
         return []
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
     return [flag for flag in CPU_BF16_FLAGS if flag in flags]
+
+
+# The settings whose `auto` depends on the machine. A checkpoint holds what they became where it was written and
+# which of them were auto: those are resolved again where it is resumed or evaluated; an explicit choice travels.
+MACHINE_SETTINGS = ("amp", "channels_last", "compile")
 
 
 def resolve_amp(amp: str, device: torch.device) -> tuple[str, str]:
@@ -1247,6 +1257,7 @@ class Run:
     world_size: int = 1  # processes under torchrun
     baselines: Baselines | None = None  # what a model that learned nothing scores on this data
     ema: WeightEMA | None = None  # the averaged weights that are evaluated and saved (EMA_DECAY > 0)
+    auto_settings: tuple[str, ...] = ()  # the MACHINE_SETTINGS that were auto, resolved on this machine
     compile_pending: str | None = None  # COMPILE as asked (auto | on) until the first compiled step has run
     eval_compile_pending: str | None = None  # the same until the first compiled evaluation (eval mode: its own graph)
 
@@ -1655,6 +1666,7 @@ def recalibrate_bn(model: nn.Module, loader: DataLoader, batches: int, device: t
 def checkpoint_payload(run: Run) -> dict[str, Any]:
     cfg = run.cfg
     return {"format": CHECKPOINT_FORMAT, **training_state(run), "state": asdict(run.state), "config": cfg.to_dict(),
+            "auto_settings": list(run.auto_settings),
             "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
             "class_names": class_names(cfg)}
 
@@ -1764,14 +1776,14 @@ def given_settings(argv: list[str]) -> set[str]:
     return given
 
 
-def checkpoint_settings(cfg: Config, saved: dict[str, Any], argv: list[str] | None,
-                        keep: tuple[str, ...] = ()) -> Config:
-    """cfg with a checkpoint's saved settings, except those this command line gives (flags or --config),
-    the command's own (device, output, logging) and `keep`."""
+def checkpoint_settings(cfg: Config, payload: dict[str, Any], argv: list[str] | None) -> Config:
+    """cfg with a checkpoint's saved settings, except those this command line gives (flags or --config), the
+    command's own (device, output, logging) and the MACHINE_SETTINGS that were auto where it was written (this
+    machine resolves them again; a checkpoint from before that record keeps what they became)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    kept = given_settings(argv) | _INVOCATION_KEYS | set(keep)
+    kept = given_settings(argv) | _INVOCATION_KEYS | set(payload.get("auto_settings", ()))
     values = cfg.to_dict()
-    values.update({k: v for k, v in saved.items() if k in values and k not in kept})
+    values.update({k: v for k, v in payload["config"].items() if k in values and k not in kept})
     merged = Config(**values)
     validate(merged)
     return merged
@@ -1780,7 +1792,7 @@ def checkpoint_settings(cfg: Config, saved: dict[str, Any], argv: list[str] | No
 def inference_config(cfg: Config, argv: list[str] | None) -> tuple[Config, dict[str, Any]]:
     """(config, checkpoint) for --eval-only / --predict: the checkpoint's training settings, except those
     this command line gives and the command's own (device, output); checked against the checkpoint."""
-    merged = checkpoint_settings(cfg, load_checkpoint(cfg.checkpoint)["config"], argv)
+    merged = checkpoint_settings(cfg, load_checkpoint(cfg.checkpoint), argv)
     return merged, load_checkpoint(cfg.checkpoint, merged)  # names any architecture setting given differently
 
 
@@ -1802,7 +1814,7 @@ def evaluate_checkpoint(cfg: Config, argv: list[str] | None) -> int:
     out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent
     out.mkdir(parents=True, exist_ok=True)
     cfg.compile = "off"  # one pass over the val split: compiling would cost more than it saves
-    run = build_run(cfg, out)
+    run = build_run(cfg, out, from_checkpoint=True)
     unwrap(run.model).load_state_dict(inference_weights(payload))  # checkpoints hold the model outside DDP
     # Each rank evaluates its shard; evaluate() all-reduces the sums, so every rank has the totals.
     val = evaluate(unwrap(run.model), run.val_loader, run.loss_fn, cfg, run.device, run.autocast)
@@ -1892,7 +1904,7 @@ def load_exported(path: Path) -> nn.Module:
 def load_predictor(cfg: Config, argv: list[str] | None) -> tuple[Config, nn.Module, dict[str, Any], dict[str, Any]]:
     """(config, model in eval mode on cfg.device, normalisation, class names) for --predict, from a checkpoint or
     from a .pt2 of --export and its JSON, whose image size applies unless this command line gives one."""
-    device = resolve_device(cfg.device)
+    device = use_device(cfg.device)
     if Path(cfg.checkpoint).suffix == ".pt2":
         model = load_exported(Path(cfg.checkpoint)).to(device)  # traced in eval mode: no .eval() needed
         info = read_export_info(Path(cfg.checkpoint))
@@ -1900,7 +1912,7 @@ def load_predictor(cfg: Config, argv: list[str] | None) -> tuple[Config, nn.Modu
             cfg.image_size = info["input"]["image_size"]
         return cfg, model, {"mean": info["input"]["mean"], "std": info["input"]["std"]}, info["class_names"]
     cfg, payload = inference_config(cfg, argv)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, from_checkpoint=True).to(device)
     model.load_state_dict(inference_weights(payload))
     model.eval()
     return cfg, model, payload["normalization"], payload["class_names"]
@@ -2048,7 +2060,7 @@ def export_model(cfg: Config, argv: list[str] | None) -> int:
     if path.suffix == ".onnx":
         require_onnx()
     cfg, payload = inference_config(cfg, argv)
-    model = build_model(cfg)
+    model = build_model(cfg, from_checkpoint=True)
     model.load_state_dict(inference_weights(payload))
     model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -2098,6 +2110,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda", device.index or 0) if device.type == "cuda" else device
 
 
+def use_device(name: str) -> torch.device:
+    """resolve_device, made the current CUDA device: pinned memory and other implicit CUDA calls use the current
+    device, and would otherwise create a context on GPU 0 (for --device cuda:1, say)."""
+    device = resolve_device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -2136,10 +2157,7 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     configure_backends(cfg, device)
     if world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        # Also for one process on cuda:N: pinned memory and other implicit CUDA calls use the current
-        # device, and would otherwise create a context on GPU 0.
-        torch.cuda.set_device(device)
+    device = use_device(str(device))
     if world_size == 1:
         return 0, 1, device
     if not torch.distributed.is_initialized():
@@ -2147,10 +2165,12 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     return torch.distributed.get_rank(), world_size, device
 
 
-def build_run(cfg: Config, run_dir: Path) -> Run:
-    """Data, model, loss, optimizer, schedule and guard for cfg, on its device (and rank, under torchrun)."""
+def build_run(cfg: Config, run_dir: Path, from_checkpoint: bool = False) -> Run:
+    """Data, model, loss, optimizer, schedule and guard for cfg, on its device (and rank, under torchrun);
+    from_checkpoint as for build_model."""
     rank, world_size, device = setup_distributed(cfg)
     # auto settings are resolved once, here: everything downstream (and every checkpoint) sees the result
+    auto_settings = tuple(key for key in MACHINE_SETTINGS if getattr(cfg, key) == "auto")
     if cfg.amp == "auto":
         cfg.amp, why = resolve_amp(cfg.amp, device)
         log.info("amp auto -> %s (%s)", cfg.amp, why)
@@ -2168,7 +2188,7 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     if rank == 0:
         report_data(cfg, train_ds, val_ds, run_dir, baselines)
     train_loader, val_loader = build_loaders(cfg, train_ds, val_ds, device, rank, world_size)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, from_checkpoint).to(device)
     if cfg.channels_last == "on":
         model = model.to(memory_format=torch.channels_last)
     guard = StepGuard(model, cfg, device)
@@ -2182,7 +2202,7 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     optimizer = build_optimizer(cfg, unwrap(model))
     steps_per_epoch = len(train_loader)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    ema = WeightEMA(unwrap(model), cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = WeightEMA(unwrap(model), cfg.ema_decay, own_buffers=cfg.bn_recalibrate > 0) if cfg.ema_decay > 0 else None
     compile_asked = cfg.compile
     if cfg.compile == "auto":
         cfg.compile, why = resolve_compile(device, cfg.epochs * steps_per_epoch)
@@ -2192,19 +2212,16 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     return Run(cfg=cfg, model=model, loss_fn=build_loss(cfg).to(device), optimizer=optimizer, scheduler=scheduler,
                guard=guard, device=device, train_loader=train_loader, val_loader=val_loader, run_dir=run_dir,
                steps_per_epoch=steps_per_epoch, scaler=build_scaler(cfg, device), rank=rank, world_size=world_size,
-               baselines=baselines, ema=ema, compile_pending=compile_asked if cfg.compile == "on" else None,
+               baselines=baselines, ema=ema, auto_settings=auto_settings,
+               compile_pending=compile_asked if cfg.compile == "on" else None,
                eval_compile_pending=compile_asked if cfg.compile == "on" else None)
 
 
-# Settings each machine resolves again on resume: a checkpoint holds what `auto` became where it was written.
-MACHINE_SETTINGS = ("amp", "channels_last", "compile")
-
-
 def resumed_config(cfg: Config, checkpoint: Path, argv: list[str] | None) -> Config:
-    """A resumed run goes on with the settings it was trained with: the checkpoint's, except those this command
-    gives (as for --eval-only), its own (device, output, logging) and MACHINE_SETTINGS. Logs the ones that differ
-    from what this command alone would use (a default changed since, or a flag left out)."""
-    merged = checkpoint_settings(cfg, load_checkpoint(checkpoint)["config"], argv, keep=MACHINE_SETTINGS)
+    """A resumed run goes on with the settings it was trained with: the checkpoint's (checkpoint_settings, as for
+    --eval-only). Logs the ones that differ from what this command alone would use (a default changed since, or
+    a flag left out)."""
+    merged = checkpoint_settings(cfg, load_checkpoint(checkpoint), argv)
     taken = {k: v for k, v in merged.to_dict().items() if v != getattr(cfg, k)}
     if taken:  # a setting not given here has its config.py default in cfg
         log.info("resume: settings this command does not give are the checkpoint's; these differ from config.py: "
@@ -2283,7 +2300,7 @@ def _build_and_resume(cfg: Config, run_dir: Path, is_main: bool, argv: list[str]
                  ", ".join(f"{k}={v}" for k, v in changed.items()) or "none")
         for warning in warnings:
             log.warning("%s", warning)
-    run = build_run(cfg, run_dir)
+    run = build_run(cfg, run_dir, from_checkpoint=checkpoint is not None)
     if checkpoint is not None:
         resume(run, load_checkpoint(checkpoint, cfg))
         log.info("resumed from %s: epoch %d, batch %d of %d, step %d, %d rollbacks, LR scale %g", checkpoint,

@@ -249,3 +249,4 @@ def test_auto_settings_are_resolved_logged_and_checkpointed_as_their_choice(make
     images, _, _ = batch_of(run)
     assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
     assert T.checkpoint_payload(run)["config"]["channels_last"] == "on"
+    assert T.checkpoint_payload(run)["auto_settings"] == ["channels_last", "compile"]  # TINY gives --amp off

@@ -1,5 +1,9 @@
 """EMA of the weights: skipped with the guard, restored on rollback and resume, evaluated and saved for inference."""
 
+import csv
+import json
+
+import pytest
 import torch
 
 import train_enhanced_adaptivestream as T
@@ -76,3 +80,17 @@ def test_the_evaluated_ema_model_carries_the_models_current_batchnorm_statistics
     assert evaluated is run.ema.module
     for (name, mine), theirs in zip(evaluated.named_buffers(), run.model.buffers()):
         assert torch.equal(mine, theirs), name
+
+
+def test_with_bn_recalibration_the_saved_ema_holds_the_statistics_its_evaluation_used(tiny_args, tmp_path):
+    """--bn-recalibrate re-estimates the EMA model's BatchNorm statistics before each evaluation: best.pt keeps
+    those (not the training model's), so --eval-only of best.pt reproduces the val mIoU that selected it."""
+    assert T.main(tiny_args + ["--ema-decay", "0.9", "--bn-recalibrate", "2", "--epochs", "1"]) == 0
+    run = tmp_path / "run"
+    best = T.load_checkpoint(run / "best.pt")
+    running_means = [k for k in best["model"] if k.endswith("running_mean")]
+    assert any(not torch.equal(best["ema"]["model"][k], best["model"][k]) for k in running_means)
+    assert T.main(["--eval-only", "--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "eval")]) == 0
+    logged = float(list(csv.DictReader(open(run / "metrics.csv")))[-1]["val_miou"])
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["metrics"]["val_miou"]
+    assert evaluated == pytest.approx(logged, abs=1e-6)

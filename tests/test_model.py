@@ -5,9 +5,11 @@ import urllib.error
 
 import pytest
 import torch
+from PIL import Image
 
 import train_enhanced_adaptivestream as T
 from config import ConfigError
+from conftest import TINY
 from data import uniform_dice
 
 
@@ -69,17 +71,45 @@ def test_pretrained_offline_is_a_clear_error(monkeypatch, tmp_path):
         T.AdaptiveStream(2, 2, backbone="resnet18", pretrained=True)
 
 
-def test_pretrained_weights_load_from_the_local_torch_hub_cache(monkeypatch, tmp_path):
+def cache_resnet18_weights(torch_home):
+    """torchvision's ImageNet resnet18 file, as torch.hub caches it, holding a random resnet18's weights."""
     import torchvision
 
+    reference = torchvision.models.resnet18()
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    cache = torch_home / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(reference.state_dict(), cache / url.rsplit("/", 1)[-1])
+    return reference
+
+
+def test_pretrained_weights_load_from_the_local_torch_hub_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file",
                         lambda *a, **k: pytest.fail("must not download when the file is cached"))
-    reference = torchvision.models.resnet18()
-    url = torchvision.models.ResNet18_Weights.DEFAULT.url
-    cache = tmp_path / "hub" / "checkpoints"
-    cache.mkdir(parents=True)
-    torch.save(reference.state_dict(), cache / url.rsplit("/", 1)[-1])
+    reference = cache_resnet18_weights(tmp_path)
     model = T.AdaptiveStream(2, 2, backbone="resnet18", pretrained=True)
     assert torch.equal(model.encoder.stages[0][0].weight, reference.conv1.weight)
     assert torch.equal(model.encoder.stages[-1][0][0].conv1.weight, reference.layer4[0].conv1.weight)
+
+
+def test_a_pretrained_runs_checkpoint_resumes_evaluates_and_predicts_offline(monkeypatch, tmp_path):
+    """Its checkpoint holds every weight: nothing fetches the ImageNet file again (an offline GPU machine)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "online"))
+    cache_resnet18_weights(tmp_path / "online")
+    run, args = tmp_path / "run", TINY + ["--backbone", "resnet18", "--pretrained"]
+    assert T.main(args + ["--epochs", "1", "--out-dir", str(run)]) == 0
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "offline"))  # no cached file, and no network
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    assert T.main(["--eval-only", "--checkpoint", str(run / "last.pt"), "--out", str(tmp_path / "eval")]) == 0
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
+    assert T.main(["--predict", str(tmp_path / "red.png"), "--checkpoint", str(run / "best.pt"),
+                   "--out", str(tmp_path / "predicted")]) == 0
+    assert T.main(args + ["--epochs", "2", "--out-dir", str(run), "--resume", "auto"]) == 0
+    assert T.load_checkpoint(run / "last.pt")["state"]["epoch"] == 2
+    with pytest.raises(ConfigError, match="offline"):  # a new run still needs the file
+        T.build_model(T.load_config(args))

@@ -167,7 +167,7 @@ def test_checkpoint_validation_names_the_file_and_the_problem(tmp_path, tiny_arg
 
 def test_a_resume_goes_on_with_the_checkpoints_settings_unless_the_command_gives_them(tmp_path):
     """--resume alone continues the run as it was trained (a default changed since, or a flag left out, does not
-    change it); a setting given again wins; amp, channels_last and compile are resolved again on each machine."""
+    change it); a setting given again wins; amp, channels_last and compile, where auto, are resolved again."""
     run = tmp_path / "run"
     first = ["--label-smoothing", "0.1", "--cls-weight", "0.7", "--stem-kernel", "5", "--epochs", "1"]
     assert T.main(TINY + first + ["--out-dir", str(run)]) == 0
@@ -180,14 +180,20 @@ def test_a_resume_goes_on_with_the_checkpoints_settings_unless_the_command_gives
     assert T.load_checkpoint(run / "last.pt")["state"]["epoch"] == 2
     log = (run / "train.log").read_text()
     assert "stem_kernel=5 (default 7), label_smoothing=0.1 (default 0.0) (give one again" in log
-    # a checkpoint holds what amp auto became where it was written; this machine decides again
+    # A checkpoint holds what amp, channels_last and compile became and which were auto: this machine decides
+    # those again (for a resume and for --eval-only alike); an explicit choice (TINY's --amp off ...) travels.
     payload = T.load_checkpoint(run / "last.pt")
+    assert payload["auto_settings"] == []
     payload["config"].update(amp="bf16", compile="on")
+    payload["auto_settings"] = ["amp"]
     moved = tmp_path / "moved.pt"
     torch.save(payload, moved)
     argv = ["--resume", str(moved)]
     cfg = T.resumed_config(T.load_config(argv), moved, argv)
-    assert (cfg.amp, cfg.compile, cfg.label_smoothing, cfg.image_size) == ("auto", "auto", 0.1, 32)
+    assert (cfg.amp, cfg.compile, cfg.channels_last, cfg.label_smoothing, cfg.image_size) == (
+        "auto", "on", "off", 0.1, 32)
+    assert T.inference_config(T.load_config(["--eval-only", "--checkpoint", str(moved)]),
+                              ["--eval-only", "--checkpoint", str(moved)])[0].amp == "auto"
 
 
 def test_resume_from_a_bad_checkpoint_exits_2(tmp_path, tiny_args, capsys):
@@ -246,6 +252,8 @@ def test_a_cuda_device_always_has_the_index_that_set_device_needs(monkeypatch):
     for name in ("auto", "cuda", "cuda:1"):
         assert T.setup_distributed(T.load_config(TINY + ["--device", name]))[2].type == "cuda"
     assert chosen == [0, 0, 1]
+    # --predict and diagnose_training.py on cuda:1 make it the current device too (pinned memory goes there)
+    assert T.use_device("cuda:1") == torch.device("cuda", 1) and chosen[-1] == 1
 
 
 def test_a_start_up_error_removes_the_run_folder_it_made_but_keeps_one_that_existed(tmp_path):
