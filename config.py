@@ -301,8 +301,10 @@ def _validate_data(cfg: Config) -> None:
                               f"got {cfg.num_cls_classes}: pass --num-cls-classes {classes}")
 
 
-def validate(cfg: Config) -> None:
-    """Range and cross-field checks; raise ConfigError naming the key."""
+def validate(cfg: Config, checkpoint_to_come: bool = False) -> None:
+    """Range and cross-field checks; raise ConfigError naming the key. checkpoint_to_come: a resume, --eval-only,
+    --predict or --export, whose checkpoint's settings complete this command's; the checks between keys wait for
+    them (the merged settings are validated again)."""
     values = {k.upper(): v for k, v in cfg.to_dict().items()}
     for name, choices in _CHOICES.items():
         if values[name] not in choices:
@@ -327,6 +329,9 @@ def validate(cfg: Config) -> None:
     if cfg.stem_kernel < 1 or cfg.stem_kernel % 2 == 0:
         raise ConfigError(f"stem_kernel: must be an odd number such as 3, 5 or 7 (the stem pads k // 2 on each "
                           f"side, so an even kernel would shift the features), got {cfg.stem_kernel}")
+    _validate_modes(cfg)
+    if checkpoint_to_come:
+        return
     if cfg.min_lr > cfg.base_lr:
         raise ConfigError(f"min_lr ({cfg.min_lr:g}) is above base_lr ({cfg.base_lr:g}): lower min_lr or raise base_lr")
     if cfg.num_seg_classes < 2:
@@ -343,7 +348,6 @@ def validate(cfg: Config) -> None:
     if cfg.dataset != "synthetic" and not cfg.data_root:
         raise ConfigError(f"data_root: dataset {cfg.dataset!r} needs --data-root PATH")
     _validate_data(cfg)
-    _validate_modes(cfg)
 
 
 def _validate_modes(cfg: Config) -> None:
@@ -386,15 +390,20 @@ DATASET_ONLY = {"data_root": ("folder", "oxford_pet"), "mask_suffix": ("folder",
 BUILTIN_ENCODER_ONLY = ("width", "stem_kernel")
 
 
-def unused_settings(cfg: Config) -> list[str]:
+def unused_settings(cfg: Config, given: set[str] | None = None) -> list[str]:
     """Warnings for the DATASET_ONLY settings changed from their default that cfg.dataset ignores, and the
-    BUILTIN_ENCODER_ONLY ones that a torchvision backbone ignores."""
+    BUILTIN_ENCODER_ONLY ones that a torchvision backbone ignores; given: only about these keys (a resume: the
+    ones its command sets, not those its checkpoint brings)."""
     default = defaults()
+
+    def changed(key: str) -> bool:
+        return getattr(cfg, key) != default[key] and (given is None or key in given)
+
     warnings = [f"{key} is set but dataset {cfg.dataset} does not use it (only {' and '.join(users)}): it has no effect"
-                for key, users in DATASET_ONLY.items() if cfg.dataset not in users and getattr(cfg, key) != default[key]]
+                for key, users in DATASET_ONLY.items() if cfg.dataset not in users and changed(key)]
     if cfg.backbone != "adaptivestream":
         warnings += [f"{key} is set but backbone {cfg.backbone} does not use it (only the built-in adaptivestream): "
-                     f"it has no effect" for key in BUILTIN_ENCODER_ONLY if getattr(cfg, key) != default[key]]
+                     f"it has no effect" for key in BUILTIN_ENCODER_ONLY if changed(key)]
     return warnings
 
 
@@ -465,7 +474,7 @@ def load_config(argv: list[str] | None = None, prog: str | None = None,
         if name in table:
             values[name] = _coerce(flag(name), raw, table[name][0], from_cli=not isinstance(raw, bool))
     cfg = Config(**{name.lower(): value for name, value in values.items()})
-    validate(cfg)
+    validate(cfg, checkpoint_to_come=bool(cfg.resume or cfg.eval_only or cfg.predict or cfg.export))
     return cfg
 
 

@@ -520,6 +520,13 @@ class WarmupLRScheduler(torch.optim.lr_scheduler.LRScheduler):
     def get_lr(self) -> list[float]:
         return [self.lr_at(self.last_epoch, base) for base in self.base_lrs]
 
+    # What a checkpoint or a snapshot gives back: how far the schedule has come. Its shape (base LRs, warm-up,
+    # floor, decay) is built from the run's settings, so that one given again on resume applies.
+    PROGRESS = ("last_epoch", "_step_count", "lr_scale")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict({k: v for k, v in state_dict.items() if k in self.PROGRESS})
+
     def refresh(self) -> None:
         """Apply the LR of the current step again, after last_epoch or lr_scale was changed by hand."""
         for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
@@ -816,7 +823,12 @@ def training_state(run: Run) -> dict[str, Any]:
 def restore_training_state(run: Run, saved: dict[str, Any]) -> None:
     saved = _cpu_copy(saved)  # load_state_dict may keep references; the saved copy must stay intact
     unwrap(run.model).load_state_dict(saved["model"])
+    # The state (moments, step counts) is the checkpoint's; the hyperparameters (weight decay, momentum, betas)
+    # are the run's settings, so that one given again on resume applies (load_state_dict would restore the saved).
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in run.optimizer.param_groups]
     run.optimizer.load_state_dict(saved["optimizer"])
+    for group, own in zip(run.optimizer.param_groups, settings):
+        group.update(own)
     match_parameter_layout(run.optimizer)
     zero_missing_momentum(run.optimizer)
     run.scheduler.load_state_dict(saved["scheduler"])
@@ -1108,24 +1120,29 @@ def load_checkpoint(path: str | Path, cfg: Config | None = None) -> dict[str, An
     if bad:
         raise CheckpointError(f"checkpoint {path} has non-finite weights: {', '.join(bad[:5])}")
     if cfg is not None:
-        saved = payload["config"]
-        architecture = ["num_seg_classes", "num_cls_classes", "backbone", "stream_channels", "decoder_channels"]
-        if saved.get("backbone") == "adaptivestream":  # a torchvision encoder ignores these (unused_settings)
-            architecture += BUILTIN_ENCODER_ONLY
-        for key in architecture:
-            if saved.get(key) != getattr(cfg, key):
-                raise CheckpointError(f"checkpoint {path} was trained with {key}={saved.get(key)!r}, "
-                                      f"but the current config has {key}={getattr(cfg, key)!r}")
-        if (saved.get("aux_weight", 0) > 0) != (cfg.aux_weight > 0):  # the aux head exists iff aux_weight > 0
-            raise CheckpointError(f"checkpoint {path} was trained with aux_weight={saved.get('aux_weight', 0)!r}, but the "
-                                  f"current config has aux_weight={cfg.aux_weight!r}: one has the aux head, the other "
-                                  f"not; leave --aux-weight out (the checkpoint's setting applies) or give its value")
-        if cfg.aux_weight > 0 and sorted(saved["aux_strides"]) != sorted(cfg.aux_strides):
-            raise CheckpointError(f"checkpoint {path} was trained with aux_strides={saved['aux_strides']!r}, but the "
-                                  f"current config has aux_strides={cfg.aux_strides!r}: its aux heads sit on other "
-                                  f"decoder levels; leave --aux-strides out (the checkpoint's setting applies)")
+        check_fits(path, payload, cfg)
     check_model_layout(path, payload)
     return payload
+
+
+def check_fits(path: str | Path, payload: dict[str, Any], cfg: Config) -> None:
+    """Raise CheckpointError naming the setting when the checkpoint's weights do not fit the model of cfg."""
+    saved = payload["config"]
+    architecture = ["num_seg_classes", "num_cls_classes", "backbone", "stream_channels", "decoder_channels"]
+    if saved.get("backbone") == "adaptivestream":  # a torchvision encoder ignores these (unused_settings)
+        architecture += BUILTIN_ENCODER_ONLY
+    for key in architecture:
+        if saved.get(key) != getattr(cfg, key):
+            raise CheckpointError(f"checkpoint {path} was trained with {key}={saved.get(key)!r}, "
+                                  f"but the current config has {key}={getattr(cfg, key)!r}")
+    if (saved.get("aux_weight", 0) > 0) != (cfg.aux_weight > 0):  # the aux head exists iff aux_weight > 0
+        raise CheckpointError(f"checkpoint {path} was trained with aux_weight={saved.get('aux_weight', 0)!r}, but the "
+                              f"current config has aux_weight={cfg.aux_weight!r}: one has the aux head, the other "
+                              f"not; leave --aux-weight out (the checkpoint's setting applies) or give its value")
+    if cfg.aux_weight > 0 and sorted(saved["aux_strides"]) != sorted(cfg.aux_strides):
+        raise CheckpointError(f"checkpoint {path} was trained with aux_strides={saved['aux_strides']!r}, but the "
+                              f"current config has aux_strides={cfg.aux_strides!r}: its aux heads sit on other "
+                              f"decoder levels; leave --aux-strides out (the checkpoint's setting applies)")
 
 
 def upgrade_checkpoint(payload: dict[str, Any]) -> None:
@@ -1673,11 +1690,8 @@ def checkpoint_payload(run: Run) -> dict[str, Any]:
 
 def resume(run: Run, payload: dict[str, Any]) -> None:
     """Put a run back exactly where a checkpoint left it (weights, optimizer, schedule, RNG, data position)."""
-    restore_training_state(run, payload)
+    restore_training_state(run, payload)  # the schedule's shape is this run's settings: --epochs M continues it to M
     run.state = TrainState(**payload["state"])
-    # The run's length is this command's: --epochs M > the saved EPOCHS continues the schedule to M.
-    run.scheduler.total_steps = run.cfg.epochs * run.steps_per_epoch
-    run.scheduler.refresh()
 
 
 def _end_epoch(run: Run, epoch: int, train: dict[str, float], start: float) -> dict[str, Any]:
@@ -1753,8 +1767,8 @@ def fit(run: Run) -> dict[str, Any]:
 
 
 # ---- Eval and predict ----
-_INVOCATION_KEYS = {"device", "out_dir", "resume", "vis_every", "vis_samples", "tensorboard", "eval_only",
-                    "checkpoint", "predict", "out", "export"}
+_INVOCATION_KEYS = {"device", "num_workers", "out_dir", "resume", "vis_every", "vis_samples", "tensorboard",
+                    "eval_only", "checkpoint", "predict", "out", "export"}
 EXPORT_FORMAT = "adaptivestream-export/1"  # tag of the PATH.json that --export writes beside its file
 EXPORT_OUTPUTS = ("seg_logits", "cls_logits")
 # An exported file is checked against its eager model at these inputs [B, H, W] and at the checkpoint's image
@@ -1792,8 +1806,10 @@ def checkpoint_settings(cfg: Config, payload: dict[str, Any], argv: list[str] | 
 def inference_config(cfg: Config, argv: list[str] | None) -> tuple[Config, dict[str, Any]]:
     """(config, checkpoint) for --eval-only / --predict: the checkpoint's training settings, except those
     this command line gives and the command's own (device, output); checked against the checkpoint."""
-    merged = checkpoint_settings(cfg, load_checkpoint(cfg.checkpoint), argv)
-    return merged, load_checkpoint(cfg.checkpoint, merged)  # names any architecture setting given differently
+    payload = load_checkpoint(cfg.checkpoint)
+    merged = checkpoint_settings(cfg, payload, argv)
+    check_fits(cfg.checkpoint, payload, merged)  # names any architecture setting given differently
+    return merged, payload
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -2217,11 +2233,14 @@ def build_run(cfg: Config, run_dir: Path, from_checkpoint: bool = False) -> Run:
                eval_compile_pending=compile_asked if cfg.compile == "on" else None)
 
 
-def resumed_config(cfg: Config, checkpoint: Path, argv: list[str] | None) -> Config:
+def resumed_config(cfg: Config, payload: dict[str, Any], argv: list[str] | None) -> Config:
     """A resumed run goes on with the settings it was trained with: the checkpoint's (checkpoint_settings, as for
     --eval-only). Logs the ones that differ from what this command alone would use (a default changed since, or
     a flag left out)."""
-    merged = checkpoint_settings(cfg, load_checkpoint(checkpoint), argv)
+    # A checkpoint from before the auto_settings record: its amp, channels_last and compile are resolved again, as
+    # every resume did then (--eval-only of it keeps what they became, as it did).
+    payload = {**payload, "auto_settings": payload.get("auto_settings", list(MACHINE_SETTINGS))}
+    merged = checkpoint_settings(cfg, payload, argv)
     taken = {k: v for k, v in merged.to_dict().items() if v != getattr(cfg, k)}
     if taken:  # a setting not given here has its config.py default in cfg
         log.info("resume: settings this command does not give are the checkpoint's; these differ from config.py: "
@@ -2261,8 +2280,6 @@ def _start(cfg: Config, argv: list[str] | None) -> tuple[Run, list[logging.Handl
     world_size, is_main = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")) == 0
     if world_size > 1 and not cfg.out_dir:
         raise ConfigError("out_dir: under torchrun pass --out-dir, so that every rank uses the same run folder")
-    if world_size > 1 and cfg.sync_bn and not str(cfg.device).startswith(("cuda", "auto")):
-        raise ConfigError("sync_bn: SyncBatchNorm needs CUDA; drop --sync-bn on CPU")
     resolve_device(cfg.device)  # a bad --device stops here, before any folder is made
     run_dir = Path(cfg.out_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
     cfg.out_dir = str(run_dir)
@@ -2286,9 +2303,15 @@ def _build_and_resume(cfg: Config, run_dir: Path, is_main: bool, argv: list[str]
     checkpoint = resume_path(cfg, run_dir)
     if checkpoint is not None and not checkpoint.is_file():  # before the data scan, which can take minutes
         raise CheckpointError(f"resume: checkpoint {checkpoint} does not exist")
-    warnings = unused_settings(cfg)  # about what this command sets, before a checkpoint's settings join them
+    payload, given = None, given_settings(sys.argv[1:] if argv is None else list(argv))
     if checkpoint is not None:
-        cfg = resumed_config(cfg, checkpoint, argv)
+        payload = load_checkpoint(checkpoint)
+        cfg = resumed_config(cfg, payload, argv)
+        check_fits(checkpoint, payload, cfg)
+    elif cfg.resume:
+        validate(cfg)  # --resume auto with nothing to resume yet: this command's settings alone (load_config waited)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.sync_bn and not str(cfg.device).startswith(("cuda", "auto")):
+        raise ConfigError("sync_bn: SyncBatchNorm needs CUDA; drop --sync-bn on CPU")
     if cfg.warmup_epochs >= cfg.epochs:
         log.info("warmup_epochs %g >= epochs %d: warm-up shortened to %g epochs (half the run)", cfg.warmup_epochs,
                  cfg.epochs, effective_warmup_epochs(cfg))
@@ -2298,11 +2321,11 @@ def _build_and_resume(cfg: Config, run_dir: Path, is_main: bool, argv: list[str]
         changed = {k: v for k, v in saved.items() if v != defaults().get(k)}
         log.info("settings that differ from config.py (all of them: %s): %s", run_dir / "config.yaml",
                  ", ".join(f"{k}={v}" for k, v in changed.items()) or "none")
-        for warning in warnings:
+        for warning in unused_settings(cfg, given if checkpoint is not None else None):
             log.warning("%s", warning)
     run = build_run(cfg, run_dir, from_checkpoint=checkpoint is not None)
     if checkpoint is not None:
-        resume(run, load_checkpoint(checkpoint, cfg))
+        resume(run, payload)
         log.info("resumed from %s: epoch %d, batch %d of %d, step %d, %d rollbacks, LR scale %g", checkpoint,
                  run.state.epoch + 1, run.state.batch, run.steps_per_epoch, run.state.step, run.state.rollbacks,
                  run.state.lr_scale)

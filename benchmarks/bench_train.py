@@ -296,7 +296,7 @@ def run_with_model(base: T.Run, model: nn.Module, guarded: bool) -> T.Run:
     if cfg.channels_last == "on":
         model = model.to(memory_format=torch.channels_last)
     optimizer = T.build_optimizer(cfg, model)
-    ema = T.WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = T.WeightEMA(model, cfg.ema_decay, own_buffers=cfg.bn_recalibrate > 0) if cfg.ema_decay > 0 else None
     if cfg.compile == "on":  # as build_run compiles a training run's model (the first step compiles it)
         T.compile_in_place([model, ema.module if ema is not None else None])
     return dataclasses.replace(

@@ -169,17 +169,23 @@ def test_a_resume_goes_on_with_the_checkpoints_settings_unless_the_command_gives
     """--resume alone continues the run as it was trained (a default changed since, or a flag left out, does not
     change it); a setting given again wins; amp, channels_last and compile, where auto, are resolved again."""
     run = tmp_path / "run"
-    first = ["--label-smoothing", "0.1", "--cls-weight", "0.7", "--stem-kernel", "5", "--epochs", "1"]
+    first = ["--label-smoothing", "0.1", "--cls-weight", "0.7", "--stem-kernel", "5", "--base-lr", "0.05", "--epochs", "1"]
     assert T.main(TINY + first + ["--out-dir", str(run)]) == 0
-    # TINY gives --epochs 2 and --cls-weight 0.9 here; label_smoothing and stem_kernel are left out
-    again = TINY + ["--cls-weight", "0.9", "--out-dir", str(run), "--resume", "auto"]
+    # TINY gives --epochs 2 and the command --cls-weight 0.9, --min-lr 0.01 (above the default base_lr: checked
+    # against the checkpoint's 0.05) and --weight-decay 0.01; label_smoothing, stem_kernel and base_lr are left out
+    again = TINY + ["--cls-weight", "0.9", "--min-lr", "0.01", "--weight-decay", "0.01", "--out-dir", str(run),
+                    "--resume", "auto"]
     assert T.main(again) == 0
     resumed = yaml.safe_load((run / "config.yaml").read_text())
-    assert (resumed["label_smoothing"], resumed["stem_kernel"]) == (0.1, 5)  # the checkpoint's, not the defaults
-    assert (resumed["cls_weight"], resumed["epochs"]) == (0.9, 2)  # given again
-    assert T.load_checkpoint(run / "last.pt")["state"]["epoch"] == 2
+    assert (resumed["label_smoothing"], resumed["stem_kernel"], resumed["base_lr"]) == (0.1, 5, 0.05)
+    assert (resumed["cls_weight"], resumed["epochs"], resumed["min_lr"]) == (0.9, 2, 0.01)  # given again
+    saved = T.load_checkpoint(run / "last.pt")
+    assert saved["state"]["epoch"] == 2
+    # what the optimizer and schedule ran with: the settings, not the saved state's hyperparameters
+    assert (saved["scheduler"]["base_lrs"], saved["scheduler"]["min_lr"]) == ([0.05, 0.05], 0.01)
+    assert [g["weight_decay"] for g in saved["optimizer"]["param_groups"]] == [0.01, 0.0]
     log = (run / "train.log").read_text()
-    assert "stem_kernel=5 (default 7), label_smoothing=0.1 (default 0.0) (give one again" in log
+    assert "stem_kernel=5 (default 7), label_smoothing=0.1 (default 0.0), base_lr=0.05 (default 0.001) (give one" in log
     # A checkpoint holds what amp, channels_last and compile became and which were auto: this machine decides
     # those again (for a resume and for --eval-only alike); an explicit choice (TINY's --amp off ...) travels.
     payload = T.load_checkpoint(run / "last.pt")
@@ -189,11 +195,26 @@ def test_a_resume_goes_on_with_the_checkpoints_settings_unless_the_command_gives
     moved = tmp_path / "moved.pt"
     torch.save(payload, moved)
     argv = ["--resume", str(moved)]
-    cfg = T.resumed_config(T.load_config(argv), moved, argv)
+    cfg = T.resumed_config(T.load_config(argv), T.load_checkpoint(moved), argv)
     assert (cfg.amp, cfg.compile, cfg.channels_last, cfg.label_smoothing, cfg.image_size) == (
         "auto", "on", "off", 0.1, 32)
-    assert T.inference_config(T.load_config(["--eval-only", "--checkpoint", str(moved)]),
-                              ["--eval-only", "--checkpoint", str(moved)])[0].amp == "auto"
+    evaluate = ["--eval-only", "--checkpoint", str(moved)]
+    assert T.inference_config(T.load_config(evaluate), evaluate)[0].amp == "auto"
+    # one from before the record: a resume resolves all three again, as resumes did then; --eval-only keeps them
+    del payload["auto_settings"]
+    torch.save(payload, moved)
+    cfg = T.resumed_config(T.load_config(argv), T.load_checkpoint(moved), argv)
+    assert (cfg.amp, cfg.compile, cfg.channels_last) == ("auto", "auto", "auto")
+    assert T.inference_config(T.load_config(evaluate), evaluate)[0].amp == "bf16"
+
+
+def test_sync_bn_on_cpu_under_torchrun_exits_2_also_when_a_checkpoint_brings_it(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    assert T.main(TINY + ["--sync-bn", "--epochs", "1", "--out-dir", str(run)]) == 0  # one process: no SyncBN
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; the check comes before any process group
+    assert T.main(TINY + ["--out-dir", str(run), "--resume", "auto"]) == 2
+    assert "sync_bn: SyncBatchNorm needs CUDA" in capsys.readouterr().err
+    assert (run / "last.pt").is_file()  # an existing run folder is kept
 
 
 def test_resume_from_a_bad_checkpoint_exits_2(tmp_path, tiny_args, capsys):
