@@ -2308,6 +2308,10 @@ def _build_and_resume(cfg: Config, run_dir: Path, is_main: bool, argv: list[str]
         payload = load_checkpoint(checkpoint)
         cfg = resumed_config(cfg, payload, argv)
         check_fits(checkpoint, payload, cfg)
+        if payload["config"]["optimizer"] != cfg.optimizer:  # its moments are another optimizer's
+            raise CheckpointError(f"checkpoint {checkpoint} was trained with optimizer={payload['config']['optimizer']!r}, "
+                                  f"but the current config has optimizer={cfg.optimizer!r}: its state cannot continue "
+                                  f"in another optimizer; leave --optimizer out to resume, or start a new run")
     elif cfg.resume:
         validate(cfg)  # --resume auto with nothing to resume yet: this command's settings alone (load_config waited)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.sync_bn and not str(cfg.device).startswith(("cuda", "auto")):

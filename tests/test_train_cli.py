@@ -217,6 +217,15 @@ def test_sync_bn_on_cpu_under_torchrun_exits_2_also_when_a_checkpoint_brings_it(
     assert (run / "last.pt").is_file()  # an existing run folder is kept
 
 
+def test_resuming_with_another_optimizer_exits_2_naming_the_key(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert T.main(TINY + ["--optimizer", "sgd", "--epochs", "1", "--out-dir", str(run)]) == 0
+    assert T.main(TINY + ["--optimizer", "adamw", "--out-dir", str(run), "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "trained with optimizer='sgd', but the current config has optimizer='adamw'" in err
+    assert "Traceback" not in err
+
+
 def test_resume_from_a_bad_checkpoint_exits_2(tmp_path, tiny_args, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_text("not a checkpoint")
