@@ -438,11 +438,13 @@ def parser_flags(parser: argparse.ArgumentParser) -> list[str]:
 
 
 def load_config(argv: list[str] | None = None, prog: str | None = None,
-                own_flags: list[str] | tuple[str, ...] = ()) -> Config:
+                own_flags: list[str] | tuple[str, ...] = (), checkpoint_to_come: bool = False) -> Config:
     """Resolve defaults < --config YAML < command-line flags; raise ConfigError on a bad setting.
 
     own_flags: the calling script's own flags (diagnose, bench), parsed before this; a typo is matched
     against them too, so `--stpes` suggests `--steps` rather than the nearest training flag.
+    checkpoint_to_come: the training script, which merges a --resume / --checkpoint file's settings into these
+    and validates the result: the checks between keys wait for that when the command has such a file.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     table = settings()
@@ -474,7 +476,8 @@ def load_config(argv: list[str] | None = None, prog: str | None = None,
         if name in table:
             values[name] = _coerce(flag(name), raw, table[name][0], from_cli=not isinstance(raw, bool))
     cfg = Config(**{name.lower(): value for name, value in values.items()})
-    validate(cfg, checkpoint_to_come=bool(cfg.resume or cfg.eval_only or cfg.predict or cfg.export))
+    validate(cfg, checkpoint_to_come=checkpoint_to_come and bool(cfg.resume or cfg.eval_only or cfg.predict or
+                                                                  cfg.export))
     return cfg
 
 

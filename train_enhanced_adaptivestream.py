@@ -313,12 +313,13 @@ class WeightEMA:
     init). On a skipped step w is 0, decided on the device: swa_utils.AveragedModel reads its update count
     on the host (a sync per step on CUDA) and has no way to skip an update. BatchNorm buffers are the
     model's own: copied when they are read (eval_model, state_dict), not on every step; with own_buffers
-    (BN_RECALIBRATE: re-estimated for the averaged weights before each evaluation) they are never copied, so
-    that a checkpoint holds the statistics its evaluation used.
+    (BN_RECALIBRATE: re-estimated for the averaged weights before each evaluation) they are copied only until
+    the first re-estimate, so that a checkpoint holds the statistics its evaluation used.
     """
 
     def __init__(self, model: nn.Module, decay: float, own_buffers: bool = False):
         self.source, self.decay, self.own_buffers = model, decay, own_buffers
+        self.recalibrated = False  # own_buffers: set once recalibrate_bn has estimated them
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.params = [p.detach() for p in model.parameters()]
         self.averaged = list(self.module.parameters())
@@ -334,17 +335,19 @@ class WeightEMA:
     @torch.no_grad()
     def synced(self) -> nn.Module:
         """The averaged model with the source model's current BatchNorm statistics (its own with own_buffers)."""
-        if not self.own_buffers:
+        if not (self.own_buffers and self.recalibrated):
             for mine, theirs in zip(self.module.buffers(), self.source.buffers()):
                 mine.copy_(theirs)
         return self.module
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.synced().state_dict(), "updates": self.updates.clone()}
+        return {"model": self.synced().state_dict(), "updates": self.updates.clone(),
+                "recalibrated": self.recalibrated}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
         self.updates.copy_(state["updates"])
+        self.recalibrated = bool(state.get("recalibrated", False))
 
 
 def inference_weights(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -1148,8 +1151,14 @@ def check_fits(path: str | Path, payload: dict[str, Any], cfg: Config) -> None:
 def upgrade_checkpoint(payload: dict[str, Any]) -> None:
     """A checkpoint of an earlier layout in today's terms, in place. Before STEM_KERNEL the stem was 3x3: its
     config gets stem_kernel 3 (whatever the default). Before AUX_STRIDES (commit 56fd460 and earlier: one aux
-    head, at stride 8, named aux_head): its weights under aux_heads.8, its config with aux_strides [8]."""
+    head, at stride 8, named aux_head): its weights under aux_heads.8, its config with aux_strides [8]. And
+    --scale-lr's base_lr (below)."""
     payload["config"].setdefault("stem_kernel", 3)
+    # Before commit d9ba77a, --scale-lr under torchrun wrote base_lr x the processes into the config (its record of
+    # auto_settings came after): back to base_lr as given, which peak_lr scales.
+    saved_by = len(payload.get("rng", {}).get("ranks", [None]))
+    if "auto_settings" not in payload and payload["config"].get("scale_lr") and saved_by > 1:
+        payload["config"]["base_lr"] /= saved_by
     if "aux_strides" in payload["config"]:
         return
     payload["config"]["aux_strides"] = [8]
@@ -1692,6 +1701,9 @@ def resume(run: Run, payload: dict[str, Any]) -> None:
     """Put a run back exactly where a checkpoint left it (weights, optimizer, schedule, RNG, data position)."""
     restore_training_state(run, payload)  # the schedule's shape is this run's settings: --epochs M continues it to M
     run.state = TrainState(**payload["state"])
+    if run.cfg.warmup_epochs == payload["config"]["warmup_epochs"]:  # a warm-up that --epochs M would shorten
+        run.scheduler.warmup_steps = payload["scheduler"]["warmup_steps"]  # less is the run's (no second one)
+        run.scheduler.refresh()
 
 
 def _end_epoch(run: Run, epoch: int, train: dict[str, float], start: float) -> dict[str, Any]:
@@ -1700,6 +1712,8 @@ def _end_epoch(run: Run, epoch: int, train: dict[str, float], start: float) -> d
     model = run.eval_model()
     if cfg.bn_recalibrate > 0:
         recalibrate_bn(model, run.train_loader, cfg.bn_recalibrate, run.device)
+        if run.ema is not None:
+            run.ema.recalibrated = True
     if run.world_size > 1:  # evaluate (and save) rank 0's BN statistics everywhere, as DDP's forward would
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer, 0)
@@ -2403,7 +2417,7 @@ def main(argv: list[str] | None = None) -> int:
     previous_handlers: dict[int, Any] = {}
     run: Run | None = None
     try:
-        cfg = load_config(argv, prog="train_enhanced_adaptivestream.py")
+        cfg = load_config(argv, prog="train_enhanced_adaptivestream.py", checkpoint_to_come=True)
         if cfg.eval_only or cfg.predict or cfg.export:  # no run folder, no training
             handlers = setup_logging(None, quiet=int(os.environ.get("RANK", "0")) != 0)
             command = evaluate_checkpoint if cfg.eval_only else predict_images if cfg.predict else export_model

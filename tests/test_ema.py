@@ -94,3 +94,19 @@ def test_with_bn_recalibration_the_saved_ema_holds_the_statistics_its_evaluation
     logged = float(list(csv.DictReader(open(run / "metrics.csv")))[-1]["val_miou"])
     evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["metrics"]["val_miou"]
     assert evaluated == pytest.approx(logged, abs=1e-6)
+
+
+def test_with_bn_recalibration_the_ema_carries_the_models_statistics_until_the_first_estimate(make_run):
+    """A checkpoint written before the first evaluation (checkpoint_every, SIGTERM) must not hold the EMA's
+    fresh-init BatchNorm statistics (running_var 1), which --eval-only would use as they are."""
+    run = make_run("--ema-decay", "0.5", "--bn-recalibrate", "2")
+    T.train_step(run, *T.to_device(next(iter(run.train_loader)), run))
+    saved = run.ema.state_dict()
+    for name, theirs in run.model.named_buffers():
+        assert torch.equal(saved["model"][name], theirs), name
+    T.recalibrate_bn(run.eval_model(), run.train_loader, 2, run.device)
+    run.ema.recalibrated = True  # as _end_epoch does
+    T.train_step(run, *T.to_device(next(iter(run.train_loader)), run))
+    own = run.ema.state_dict()["model"]
+    assert not all(torch.equal(own[name], theirs) for name, theirs in run.model.named_buffers()
+                   if name.endswith("running_var"))

@@ -226,6 +226,36 @@ def test_resuming_with_another_optimizer_exits_2_naming_the_key(tmp_path, capsys
     assert "Traceback" not in err
 
 
+def test_a_resume_keeps_a_warm_up_that_more_epochs_would_lengthen(tmp_path):
+    run = tmp_path / "run"  # 1 epoch with 5 of warm-up: shortened to half the run (2 steps), then done
+    assert T.main(TINY + ["--epochs", "1", "--warmup-epochs", "5", "--out-dir", str(run)]) == 0
+    assert T.load_checkpoint(run / "last.pt")["scheduler"]["warmup_steps"] == 2
+    assert T.main(TINY + ["--epochs", "4", "--warmup-epochs", "5", "--out-dir", str(run), "--resume", "auto"]) == 0
+    assert T.load_checkpoint(run / "last.pt")["scheduler"]["warmup_steps"] == 2  # not a second warm-up of 8
+
+
+def test_an_old_scale_lr_checkpoint_holds_base_lr_as_given(tiny_args, tmp_path):
+    """Before commit d9ba77a --scale-lr wrote base_lr x processes into the config: read back as given, so that
+    a resume does not scale it twice."""
+    assert T.main(tiny_args + ["--scale-lr", "--epochs", "1"]) == 0
+    payload = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    payload["config"]["base_lr"] = 2e-3  # as 2 processes wrote it then
+    payload["rng"]["ranks"] *= 2
+    del payload["auto_settings"]
+    torch.save(payload, tmp_path / "old.pt")
+    assert T.load_checkpoint(tmp_path / "old.pt")["config"]["base_lr"] == 1e-3
+    payload["auto_settings"] = []  # written since: as it is
+    torch.save(payload, tmp_path / "new.pt")
+    assert T.load_checkpoint(tmp_path / "new.pt")["config"]["base_lr"] == 2e-3
+
+
+def test_only_the_training_script_defers_the_checks_between_keys_to_the_checkpoint():
+    argv = TINY + ["--resume", "auto", "--min-lr", "1"]  # above the default base_lr
+    with pytest.raises(T.ConfigError, match="min_lr"):
+        T.load_config(argv)  # diagnose_training.py, the benchmarks: no checkpoint will complete it
+    assert T.load_config(argv, checkpoint_to_come=True).min_lr == 1
+
+
 def test_resume_from_a_bad_checkpoint_exits_2(tmp_path, tiny_args, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_text("not a checkpoint")
