@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU check, planned for under 8 minutes on one GPU (not yet timed on one; with one GPU the step
-# limits add up to 9.5 minutes, inside the 10 a lent machine gives one command): CUDA tests, quick_test on CUDA, the benchmark in fp32, bf16 + channels-last
-# and --compile on, a 5-epoch default run in fp32 and in bf16 (same seed, final accuracies printed under
-# the table), and torchrun with one process per GPU when there are 2 or more.
+# limits add up to 9.5 minutes, inside the 10 a lent machine gives one command): CUDA tests, quick_test
+# on CUDA, the benchmark in fp32, bf16 + channels-last and --compile on, a 5-epoch default run in fp32
+# and in bf16 (same seed, final accuracies printed under the table), and torchrun with one process per
+# GPU when there are 2 or more.
 # Prints one summary table; exits 1 if any part failed or ran past its time limit (each step has one, so
 # that a hang cannot eat a lent machine's time), 2 when $PYTHON lacks torch or pytest.
 # Without CUDA it runs the CPU equivalents (quick, tiny), says what it skipped and why, and exits 0
