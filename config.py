@@ -55,6 +55,7 @@ WIDTH: int = 16  # channels at stride 2 of the built-in encoder; doubles (roughl
 STEM_KERNEL: int = 7  # side of the built-in encoder's stride-2 stem conv, odd (3 before; why 7: docs/results.md)
 STREAM_CHANNELS: int = 128  # channels of the 1x1 stream projection at stride 32
 DECODER_CHANNELS: int = 16  # channels of the last (full-resolution) decoder stage; doubles per stride up
+CLS_POOL: str = "avgmax"  # the cls head reads each pooled level's mean (avg) or its mean and max (avgmax; avg before; why: docs/results.md)
 
 # ---- Loss ----
 SEG_WEIGHT: float = 1.0  # weight of the segmentation loss (cross-entropy + dice_weight x soft Dice)
@@ -126,6 +127,7 @@ _CHOICES = {
     "DATASET": ("synthetic", "folder", "oxford_pet"),
     "PET_TARGET": ("breed", "species"),
     "BACKBONE": ("adaptivestream", "resnet18", "resnet34", "resnet50", "mobilenet_v3_large"),
+    "CLS_POOL": ("avg", "avgmax"),
     "OPTIMIZER": ("adamw", "sgd"),
     "LR_DECAY": ("cosine", "exponential", "constant"),
     "AMP": ("auto", "off", "bf16", "fp16"),

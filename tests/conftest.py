@@ -21,6 +21,10 @@ TINY = ["--image-size", "32", "--width", "4", "--stream-channels", "16", "--deco
         # init draws from the random stream, so every later weight starts elsewhere); test_aux.py runs the aux
         # head through the guard, compilation, checkpoints, evaluation and diagnose.
         "--aux-weight", "0",
+        # The cls head on pooled means, as before CLS_POOL: the same trajectories (a max beside each mean doubles
+        # the head's inputs and moves every later weight); test_model.py runs avgmax through the model, its
+        # checkpoints and an old checkpoint's upgrade, and quick_test.py trains the default.
+        "--cls-pool", "avg",
         # 8 steps do not learn the task (val mIoU ~0.15 against a majority-class baseline of 0.21): these runs test
         # the plumbing, so the verdict is logged but does not set the exit code. test_verdict.py tests it.
         "--no-require-learning"]

@@ -193,6 +193,24 @@ def test_a_checkpoint_from_before_stem_kernel_evaluates_as_its_3x3_stem_and_name
         T.load_checkpoint(old, load_config(TINY))
 
 
+def test_a_checkpoint_from_before_cls_pool_evaluates_as_its_mean_pooled_head_and_names_the_setting(tmp_path):
+    """Written before CLS_POOL (the cls head read pooled means only, no cls_pool in its config): it loads as
+    cls_pool avg whatever the default, evaluates to its logged accuracy, and a run told avgmax is stopped
+    with the key named."""
+    run = tmp_path / "run"
+    assert T.main(TINY + ["--epochs", "1", "--out-dir", str(run)]) == 0  # TINY: --cls-pool avg
+    payload = torch.load(run / "best.pt", weights_only=False)
+    del payload["config"]["cls_pool"]
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    assert T.load_checkpoint(old)["config"]["cls_pool"] == "avg"
+    assert T.main(["--eval-only", "--checkpoint", str(old), "--out", str(tmp_path / "eval")]) == 0
+    logged = float(list(csv.DictReader(open(run / "metrics.csv")))[-1]["val_cls_acc"])
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["metrics"]["val_cls_acc"] == pytest.approx(logged, abs=1e-6)
+    with pytest.raises(T.CheckpointError, match=r"cls_pool='avg'.*cls_pool='avgmax'"):
+        T.load_checkpoint(old, load_config([a for a in TINY if a not in ("--cls-pool", "avg")]))
+
+
 def test_a_torchvision_backbone_checkpoint_from_before_stem_kernel_loads_under_todays_defaults(tmp_path):
     """stem_kernel (like width) shapes only the built-in encoder: an old resnet18 checkpoint upgraded to
     stem_kernel 3 is not refused by today's default of 7."""

@@ -113,3 +113,16 @@ def test_a_pretrained_runs_checkpoint_resumes_evaluates_and_predicts_offline(mon
     assert T.load_checkpoint(run / "last.pt")["state"]["epoch"] == 2
     with pytest.raises(ConfigError, match="offline"):  # a new run still needs the file
         T.build_model(T.load_config(args))
+
+
+def test_cls_pool_avgmax_feeds_each_levels_mean_and_max_to_the_cls_head():
+    avg, avgmax = tiny_model(cls_pool="avg"), tiny_model(cls_pool="avgmax")
+    assert avgmax.cls_head[-1].in_features == 2 * avg.cls_head[-1].in_features
+    y = torch.randn(2, 16, 3, 5)
+    mean, peak = avgmax.pool(y)
+    assert torch.equal(mean, y.mean(dim=(2, 3))) and torch.equal(peak, y.amax(dim=(2, 3)))
+    assert len(avg.pool(y)) == 1
+    seg, cls = avgmax.eval()(torch.randn(2, 3, 45, 71))
+    assert seg.shape == (2, 2, 45, 71) and cls.shape == (2, 5)
+    with pytest.raises(ValueError, match="cls_pool"):
+        tiny_model(cls_pool="max")
