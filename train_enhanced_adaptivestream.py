@@ -52,10 +52,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
-from config import (BUILTIN_ENCODER_ONLY, CLS_WEIGHT, DECODER_CHANNELS, DICE_WEIGHT, IGNORE_INDEX, INVOCATION_ONLY,
-                    CLS_POOL, LABEL_SMOOTHING, LOGIT_BOUND, SEG_WEIGHT, STEM_KERNEL, STREAM_CHANNELS, WIDTH, Config,
-                    ConfigError,
-                    build_parser, defaults, effective_warmup_epochs, load_config, unused_settings, validate)
+from config import (BUILTIN_ENCODER_ONLY, CLS_POOL, CLS_WEIGHT, DECODER_CHANNELS, DICE_WEIGHT, IGNORE_INDEX,
+                    INVOCATION_ONLY, LABEL_SMOOTHING, LOGIT_BOUND, SEG_WEIGHT, STEM_KERNEL, STREAM_CHANNELS, WIDTH,
+                    Config, ConfigError, build_parser, defaults, effective_warmup_epochs, load_config, unused_settings,
+                    validate)
 from data import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Baselines, DataError, build_datasets, build_loaders,
                   class_names, data_baselines, image_files, open_image, report_data, resolve_data_settings)
 from results import METRIC_COLUMNS, ResultsRecorder, overlay_mask, save_png, seg_palette, write_metrics_row
@@ -317,8 +317,9 @@ def build_model(cfg: Config, from_checkpoint: bool = False) -> AdaptiveStream:
     """The model of cfg; from_checkpoint: its weights are about to be loaded, so no pretrained ones are fetched
     (a checkpoint trained with --pretrained resumes, evaluates and predicts offline)."""
     return AdaptiveStream(cfg.num_seg_classes, cfg.num_cls_classes, backbone=cfg.backbone,
-                          pretrained=cfg.pretrained and not from_checkpoint, width=cfg.width, stream_channels=cfg.stream_channels,
-                          decoder_channels=cfg.decoder_channels, stem_kernel=cfg.stem_kernel, cls_pool=cfg.cls_pool,
+                          pretrained=cfg.pretrained and not from_checkpoint, width=cfg.width,
+                          stream_channels=cfg.stream_channels, decoder_channels=cfg.decoder_channels,
+                          stem_kernel=cfg.stem_kernel, cls_pool=cfg.cls_pool,
                           aux_strides=cfg.aux_strides if cfg.aux_weight > 0 else ())
 
 
@@ -1168,9 +1169,9 @@ def check_fits(path: str | Path, payload: dict[str, Any], cfg: Config) -> None:
 
 def upgrade_checkpoint(payload: dict[str, Any]) -> None:
     """A checkpoint of an earlier layout in today's terms, in place. Before STEM_KERNEL the stem was 3x3: its
-    config gets stem_kernel 3 (whatever the default); before CLS_POOL, cls_pool avg. Before AUX_STRIDES (commit 56fd460 and earlier: one aux
-    head, at stride 8, named aux_head): its weights under aux_heads.8, its config with aux_strides [8]. And
-    --scale-lr's base_lr (below)."""
+    config gets stem_kernel 3 (whatever the default); before CLS_POOL, cls_pool avg. Before AUX_STRIDES
+    (commit 56fd460 and earlier: one aux head, at stride 8, named aux_head): its weights under aux_heads.8, its
+    config with aux_strides [8]. And --scale-lr's base_lr (below)."""
     payload["config"].setdefault("stem_kernel", 3)
     payload["config"].setdefault("cls_pool", "avg")  # before CLS_POOL the cls head read the means only
     # Before commit d9ba77a, --scale-lr under torchrun wrote base_lr x the processes into the config (its record of
@@ -2336,18 +2337,21 @@ def _build_and_resume(cfg: Config, run_dir: Path, is_main: bool, argv: list[str]
     checkpoint = resume_path(cfg, run_dir)
     if checkpoint is not None and not checkpoint.is_file():  # before the data scan, which can take minutes
         raise CheckpointError(f"resume: checkpoint {checkpoint} does not exist")
-    payload, given = None, given_settings(sys.argv[1:] if argv is None else list(argv))
+    payload, given = None, None  # given: the keys this command sets (a resume's warnings are about those only)
     if checkpoint is not None:
         payload = load_checkpoint(checkpoint)
+        given = given_settings(sys.argv[1:] if argv is None else list(argv))
         cfg = resumed_config(cfg, payload, argv)
         check_fits(checkpoint, payload, cfg)
-        if payload["config"]["optimizer"] != cfg.optimizer:  # its moments are another optimizer's
-            raise CheckpointError(f"checkpoint {checkpoint} was trained with optimizer={payload['config']['optimizer']!r}, "
-                                  f"but the current config has optimizer={cfg.optimizer!r}: its state cannot continue "
-                                  f"in another optimizer; leave --optimizer out to resume, or start a new run")
+        saved_optimizer = payload["config"]["optimizer"]
+        if saved_optimizer != cfg.optimizer:  # its moments are another optimizer's
+            raise CheckpointError(f"checkpoint {checkpoint} was trained with optimizer={saved_optimizer!r}, but the "
+                                  f"current config has optimizer={cfg.optimizer!r}: its state cannot continue in "
+                                  f"another optimizer; leave --optimizer out to resume, or start a new run")
     elif cfg.resume:
         validate(cfg)  # --resume auto with nothing to resume yet: this command's settings alone (load_config waited)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.sync_bn and not str(cfg.device).startswith(("cuda", "auto")):
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and cfg.sync_bn and not str(cfg.device).startswith(("cuda", "auto")):
         raise ConfigError("sync_bn: SyncBatchNorm needs CUDA; drop --sync-bn on CPU")
     if cfg.warmup_epochs >= cfg.epochs:
         log.info("warmup_epochs %g >= epochs %d: warm-up shortened to %g epochs (half the run)", cfg.warmup_epochs,
@@ -2358,7 +2362,7 @@ def _build_and_resume(cfg: Config, run_dir: Path, is_main: bool, argv: list[str]
         changed = {k: v for k, v in saved.items() if v != defaults().get(k)}
         log.info("settings that differ from config.py (all of them: %s): %s", run_dir / "config.yaml",
                  ", ".join(f"{k}={v}" for k, v in changed.items()) or "none")
-        for warning in unused_settings(cfg, given if checkpoint is not None else None):
+        for warning in unused_settings(cfg, given):
             log.warning("%s", warning)
     run = build_run(cfg, run_dir, from_checkpoint=checkpoint is not None)
     if checkpoint is not None:
